@@ -1,0 +1,11 @@
+"""torch.utils._pytree: registering BlockMask as a pytree node."""
+
+from torch.utils._pytree import (
+    GetAttrKey,
+    register_pytree_node,
+    tree_flatten,
+    tree_map,
+    tree_unflatten,
+)
+
+__all__ = ["GetAttrKey", "register_pytree_node", "tree_flatten", "tree_map", "tree_unflatten"]

@@ -1,0 +1,134 @@
+"""Autograd for the forward operator: the joint graph of score_mod and the autograd.Function.
+
+The backward of attention needs, per score, d(score_mod)/d(score) and the gradients of every
+captured tensor score_mod reads. We trace ``score_mod`` once on scalar examples into a joint
+(forward + backward) graph with ``create_joint``; the backward operator (and, later, the
+backward kernel) evaluates that graph point-wise, so the derivative of any score_mod the user
+writes comes from autograd, never from hand-written rules.
+"""
+
+import torch
+
+from ._compat.hop import AutoDispatchBelowAutograd, FakeTensorMode, TransformGetItemToIndex, detect_fake_mode, make_fx
+from ._compat.joint import (
+    create_joint,
+    disable_functional_mode,
+    disable_proxy_modes_tracing,
+    make_aot_config,
+    suspend_functionalization,
+)
+from .mods import index_examples
+
+
+def _like(t):
+    """A fresh tensor with t's metadata (keeps requires_grad), or t itself for non-tensors."""
+    if isinstance(t, torch.Tensor):
+        return torch.empty_strided(
+            t.size(), t.stride(), device=t.device, dtype=t.dtype, requires_grad=t.requires_grad
+        )
+    return t
+
+
+def build_joint_graph(score_mod, query: torch.Tensor, score_mod_buffers: tuple):
+    """Trace ``score_mod``'s joint graph.
+
+    The graph takes ``(score, b, h, q_idx, kv_idx, grad_of_modified_score, *buffers)`` and
+    returns ``(grad_score, None x4, *buffer_grads)`` (None for buffers that need no grad).
+    """
+    with suspend_functionalization(), disable_functional_mode(), disable_proxy_modes_tracing():
+        fake_mode = detect_fake_mode((query, *score_mod_buffers)) or FakeTensorMode(allow_non_fake_inputs=True)
+        with fake_mode:
+            # Only query's metadata is read: under functionalization it is a wrapper we must not call.
+            score = torch.zeros((), dtype=query.dtype, device=query.device, requires_grad=True)
+            examples = [score, *index_examples(score)]
+            buffers = [_like(t) for t in score_mod_buffers]
+            with TransformGetItemToIndex():
+                modified = score_mod(*examples, *buffers)
+            if not isinstance(modified, torch.Tensor):
+                raise TypeError(f"score_mod must return a tensor, got {type(modified).__name__}")
+            grad_example = _like(modified)
+
+        def forward_with_grad_mask(*args):
+            modified = score_mod(*args)
+            return (modified,), (modified.requires_grad,)
+
+        joint = create_joint(forward_with_grad_mask, aot_config=make_aot_config())
+
+        def joint_fn(score, b, h, q_idx, kv_idx, grad_modified, *buffers):
+            grads_out = [grad_modified] if grad_modified.requires_grad else []
+            _, grads = joint([score, b, h, q_idx, kv_idx, *buffers], grads_out)
+            return grads
+
+        with TransformGetItemToIndex():
+            return make_fx(joint_fn)(*examples, grad_example, *buffers)
+
+
+_SAVED_TENSOR = object()  # placeholder for a tensor slot in ctx.saved_slots
+
+
+class FlexAttentionFunction(torch.autograd.Function):
+    """Forward operator under autograd; its backward calls the backward operator."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, score_mod, joint_graph, block_mask, scale, kernel_options,
+                mask_mod_buffers, *score_mod_buffers):
+        from .ops import flex_attention_op
+
+        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in mask_mod_buffers):
+            raise ValueError(
+                "a tensor captured by mask_mod requires grad; masks are not differentiable: "
+                "detach it (`t.detach()`), or move the learnable part into score_mod."
+            )
+        ctx.set_materialize_grads(False)
+        ctx.score_mod = score_mod
+        ctx.joint_graph = joint_graph
+        ctx.block_mask_static = (block_mask[0], block_mask[1], block_mask[10], block_mask[11], block_mask[12])
+        ctx.scale = scale
+        ctx.kernel_options = kernel_options
+        ctx.num_score_buffers = len(score_mod_buffers)
+        with AutoDispatchBelowAutograd():
+            out, lse, max_scores = flex_attention_op(
+                query, key, value, score_mod, block_mask, scale, kernel_options,
+                tuple(score_mod_buffers), tuple(mask_mod_buffers),
+            )
+        ctx.mark_non_differentiable(max_scores)
+        saved = (query, key, value, out, lse, *block_mask[2:10], *score_mod_buffers, *mask_mod_buffers)
+        # save_for_backward takes tensors only; SymInts and absent (None) fields ride on ctx.
+        ctx.save_for_backward(*[t for t in saved if isinstance(t, torch.Tensor)])
+        ctx.saved_slots = [_SAVED_TENSOR if isinstance(t, torch.Tensor) else t for t in saved]
+        return out, lse, max_scores
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse, grad_max_scores):
+        from .ops import flex_attention_backward_op
+
+        tensors = iter(ctx.saved_tensors)
+        saved = [next(tensors) if slot is _SAVED_TENSOR else slot for slot in ctx.saved_slots]
+        query, key, value, out, lse = saved[:5]
+        sparse = saved[5:13]
+        buffers = saved[13:]
+        score_mod_buffers = tuple(buffers[: ctx.num_score_buffers])
+        mask_mod_buffers = tuple(buffers[ctx.num_score_buffers:])
+        q_len, kv_len, q_block, kv_block, mask_mod = ctx.block_mask_static
+        block_mask = (q_len, kv_len, *sparse, q_block, kv_block, mask_mod)
+        grad_query, grad_key, grad_value, buffer_grads = flex_attention_backward_op(
+            query, key, value, out, lse, grad_out, grad_lse,
+            ctx.score_mod, ctx.joint_graph, block_mask, ctx.scale, ctx.kernel_options,
+            score_mod_buffers, mask_mod_buffers,
+        )
+        # One slot per forward() argument: score_mod .. mask_mod_buffers get no gradient.
+        return (grad_query, grad_key, grad_value, None, None, None, None, None, None, *buffer_grads)
+
+
+def flex_attention_autograd(query, key, value, score_mod, block_mask, scale, kernel_options,
+                            score_mod_buffers, mask_mod_buffers):
+    """Autograd-key implementation of the forward operator."""
+    differentiable = (query, key, value, *score_mod_buffers)
+    needs_grad = torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in differentiable
+    )
+    joint_graph = build_joint_graph(score_mod, query, score_mod_buffers) if needs_grad else None
+    return FlexAttentionFunction.apply(
+        query, key, value, score_mod, joint_graph, block_mask, scale, kernel_options,
+        mask_mod_buffers, *score_mod_buffers,
+    )

@@ -1,0 +1,110 @@
+"""Teaching Dynamo our forward operator: score_mod and mask_mod become subgraphs.
+
+When Dynamo meets ``flex_attention_op(query, key, value, score_mod, block_mask, scale,
+kernel_options)`` it cannot put Python functions into an FX graph. This tracker speculates each
+mod on scalar example tensors into a subgraph installed on the output graph; every tensor the
+mod closes over (alibi slopes, a bias table, document ids) is *lifted* into an explicit input,
+passed as ``score_mod_buffers`` / ``mask_mod_buffers``. That is what lets autograd give those
+tensors gradients and lets the lowering treat them as kernel inputs.
+
+A graph break inside a mod is a hard error naming the fix: falling back to eager would run the
+O(S²) reference silently.
+"""
+
+import torch
+
+from ._compat.dynamo import (
+    TorchHigherOrderOperatorVariable,
+    TupleVariable,
+    UncapturedHigherOrderOpError,
+    Unsupported,
+    VariableTracker,
+    discard_graph_changes,
+    hop_variable_registry,
+    make_attr,
+    proxy_args_kwargs,
+    set_original_aten_op,
+    speculate_subgraph,
+    wrap_fx_proxy,
+)
+from ._compat.hop import TransformGetItemToIndex
+
+_GRAPH_BREAK_FIX = (
+    "{role} must be traceable by torch.compile as a pure tensor function of its arguments: no "
+    "print(), .item(), .tolist(), Python if/while on tensor values or calls into non-torch "
+    "libraries. Use torch.where(cond, a, b) for branches and index captured tensors with the "
+    "index arguments (e.g. bias[h, q_idx])."
+)
+
+
+class FlexAttentionVariable(TorchHigherOrderOperatorVariable):
+    _HOP_NAME = "inductor_flex_attention"
+    _ALLOW_FALLBACK_TO_EAGER = False
+
+    def _speculate_mod(self, tx, query, mod, role):
+        """Trace ``mod`` into a subgraph; returns (get_attr proxy of it, lifted closure proxies)."""
+
+        def int_scalar():
+            return query.call_method(
+                tx, "new_empty", [VariableTracker.build(tx, [])], {"dtype": VariableTracker.build(tx, torch.int32)}
+            )
+
+        with discard_graph_changes(tx):
+            indices = [int_scalar() for _ in range(4)]  # four distinct tensors: b, h, q_idx, kv_idx
+            if role == "score_mod":
+                requires_grad = VariableTracker.build(tx, query.requires_grad)
+                score = query.call_method(tx, "new_empty", [VariableTracker.build(tx, [])],
+                                          {"requires_grad": requires_grad})
+                example_args = [score, *indices]
+            else:
+                example_args = indices
+
+        try:
+            with TransformGetItemToIndex():
+                (_output, _spec), graph, lifted = speculate_subgraph(
+                    tx,
+                    mod,
+                    example_args,
+                    {},
+                    description=f"inductor_flex {role}",
+                    source_target=self.value,
+                    set_subgraph_inputs="flatten_manual",
+                )
+        except Unsupported as error:
+            raise UncapturedHigherOrderOpError(
+                f"inductor_flex could not capture {role}: {error}\n" + _GRAPH_BREAK_FIX.format(role=role)
+            ) from error
+
+        name = tx.output.install_subgraph(role, torch.fx.GraphModule(tx.output.nn_modules, graph))
+        return make_attr(tx, name), tuple(lifted)
+
+    def _call_function(self, tx, args, kwargs):
+        if kwargs or len(args) != 7:
+            raise UncapturedHigherOrderOpError(
+                "inductor_flex_attention is called by inductor_flex.flex_attention with 7 positional "
+                "arguments; call flex_attention() instead of the operator."
+            )
+        query, key, value, score_mod, block_mask, scale, kernel_options = args
+        score_node, score_buffers = self._speculate_mod(tx, query, score_mod, "score_mod")
+        mask_node, mask_buffers = self._speculate_mod(tx, query, block_mask.items[-1], "mask_mod")
+
+        sparse_fields = TupleVariable(block_mask.items[:-1])
+        (query_p, key_p, value_p, sparse_p, scale_p, options_p), _ = proxy_args_kwargs(
+            [query, key, value, sparse_fields, scale, kernel_options], {}
+        )
+        node_args = (
+            query_p, key_p, value_p, score_node, tuple(sparse_p) + (mask_node,), scale_p, options_p,
+            score_buffers, mask_buffers,
+        )
+        with set_original_aten_op(self.value):
+            proxy = tx.output.create_proxy("call_function", self.value, args=node_args, kwargs={})
+        return wrap_fx_proxy(tx=tx, proxy=proxy, example_value=None)
+
+
+def register_dynamo_variable(op_name: str) -> None:
+    """Route Dynamo's handling of the operator named ``op_name`` to our tracker.
+
+    Dynamo's registry is keyed by the operator's ``__name__``; ours is unique, so torch's own
+    flex_attention keeps its tracker.
+    """
+    hop_variable_registry[op_name] = FlexAttentionVariable

@@ -1,0 +1,100 @@
+"""Evaluating user ``score_mod`` / ``mask_mod`` functions over whole index grids.
+
+A mod is written for one (b, h, q_idx, kv_idx) point of scalar tensors. The reference and
+``create_block_mask`` need it over a grid, so it is vmapped once per index dimension; vmap,
+unlike plain broadcasting, keeps the per-point semantics for every op a mod may use.
+"""
+
+import inspect
+from typing import Callable
+
+import torch
+
+from ._compat.hop import TransformGetItemToIndex
+
+SCORE_MOD_ARITY = 5  # score, b, h, q_idx, kv_idx
+MASK_MOD_ARITY = 4  # b, h, q_idx, kv_idx
+
+
+def identity_score_mod(score, b, h, q_idx, kv_idx):
+    """The score_mod used when the caller passes none."""
+    return score
+
+
+def index_examples(like: torch.Tensor) -> list:
+    """Four *distinct* int32 scalars standing for b, h, q_idx, kv_idx when tracing a mod.
+
+    Aliased examples (one tensor passed four times) silently trace to a wrong graph.
+    """
+    return [like.new_zeros((), dtype=torch.int32) for _ in range(4)]
+
+
+def vmap_over_bhqkv(fn: Callable, prefix: tuple, suffix: tuple = (), out_dims=0) -> Callable:
+    """vmap ``fn(*prefix_args, b, h, q_idx, kv_idx, *suffix_args)`` over the four index axes.
+
+    ``prefix``/``suffix`` give the in_dims of the extra leading/trailing arguments (``0`` for a
+    tensor laid out [B, H, Q, KV] like the scores, ``None`` for captured buffers). The result
+    takes b:[B], h:[H], q_idx:[Q], kv_idx:[KV] and returns [B, H, Q, KV].
+    """
+    axes = [(None, None, None, 0), (None, None, 0, None), (None, 0, None, None), (0, None, None, None)]
+    for dims in axes:
+        fn = torch.vmap(fn, in_dims=prefix + dims + suffix, out_dims=out_dims)
+    return fn
+
+
+def evaluate_mask_mod(mask_mod, b, h, q_idx, kv_idx, buffers=()):
+    """mask_mod over the grid b × h × q_idx × kv_idx, as a bool tensor [B, H, Q, KV]."""
+    grid_fn = vmap_over_bhqkv(mask_mod, prefix=(), suffix=(None,) * len(buffers))
+    with TransformGetItemToIndex():
+        allowed = grid_fn(b, h, q_idx, kv_idx, *buffers)
+    if allowed.dtype != torch.bool:
+        raise TypeError(
+            f"mask_mod must return a bool tensor, but it returned dtype {allowed.dtype}; "
+            "return a comparison (e.g. `q_idx >= kv_idx`) or cast with `.bool()`."
+        )
+    return allowed.expand(b.numel(), h.numel(), q_idx.numel(), kv_idx.numel())
+
+
+def evaluate_score_mod(score_mod, scores, b, h, q_idx, kv_idx, buffers=()):
+    """score_mod applied to every entry of ``scores`` [B, H, Q, KV]."""
+    grid_fn = vmap_over_bhqkv(score_mod, prefix=(0,), suffix=(None,) * len(buffers))
+    with TransformGetItemToIndex():
+        modified = grid_fn(scores, b, h, q_idx, kv_idx, *buffers)
+    if not modified.is_floating_point():
+        raise TypeError(
+            f"score_mod must return a floating-point score, but it returned dtype {modified.dtype}; "
+            "return an expression of `score` (e.g. `score + bias[h]`)."
+        )
+    return modified
+
+
+def positional_arity(fn: Callable) -> int | None:
+    """Number of positional parameters ``fn`` accepts, or None when it takes ``*args``."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    count = 0
+    for p in params:
+        if p.kind == p.VAR_POSITIONAL:
+            return None
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty:
+            count += 1
+    return count
+
+
+def check_mod_arity(fn: Callable, expected: int, role: str) -> None:
+    """Raise a TypeError naming the expected signature when ``fn`` has the wrong arity."""
+    if not callable(fn):
+        raise TypeError(f"{role} must be callable, got {type(fn).__name__}")
+    arity = positional_arity(fn)
+    if arity is not None and arity != expected:
+        signature = (
+            "score_mod(score, b, h, q_idx, kv_idx)"
+            if role == "score_mod"
+            else "mask_mod(b, h, q_idx, kv_idx)"
+        )
+        raise TypeError(
+            f"{role} takes {arity} positional arguments but must take {expected}: "
+            f"define it as `{signature}`."
+        )
