@@ -138,7 +138,8 @@ def _eager_operator():
     """The eager path: the operator under torch.compile(backend="eager"), made on first use."""
     global _eager_entry
     if _eager_entry is None:
-        _eager_entry = torch.compile(_call_operator, backend="eager", fullgraph=True)
+        # Static shapes: a new shape is a cheap re-trace, and nothing symbolic reaches the reference.
+        _eager_entry = torch.compile(_call_operator, backend="eager", fullgraph=True, dynamic=False)
     return _eager_entry
 
 

@@ -55,6 +55,22 @@ def allowed_positions(block_mask, partial_map, full_map, b, h, q_idx, kv_idx, ma
     return allowed
 
 
+def _softmax_rows(scores):
+    """Softmax over the last dim with -inf for masked entries: (probs, lse, row_max).
+
+    Rows with nothing attended give probs 0, lse -inf and max -inf, and no NaN in values or
+    gradients: the shift and the divisor are made safe before use, not patched after.
+    """
+    row_max = scores.amax(dim=-1, keepdim=True)
+    shift = torch.where(torch.isfinite(row_max), row_max, 0.0).detach()
+    exp_scores = torch.exp(scores - shift)
+    row_sum = exp_scores.sum(dim=-1, keepdim=True)
+    empty = row_sum == 0
+    probs = exp_scores / torch.where(empty, 1.0, row_sum)
+    lse = torch.where(empty, -math.inf, shift + torch.log(torch.where(empty, 1.0, row_sum)))
+    return probs, lse.squeeze(-1), row_max.squeeze(-1)
+
+
 class _Chunks:
     """Shared set-up of the forward and backward: grouped views, block maps, index ranges."""
 
@@ -121,19 +137,12 @@ def attention_reference(
         scores = evaluate_score_mod(score_mod, scores, chunks.b, chunks.h, q_idx, chunks.kv_idx, score_mod_buffers)
         scores = torch.where(chunks.allowed(q_idx, mask_mod_buffers), scores.to(chunks.compute), -math.inf)
 
-        row_max = scores.amax(dim=-1, keepdim=True)
-        # Shift by a finite max; rows with nothing attended are shifted by 0 and end up empty.
-        shift = torch.where(torch.isfinite(row_max), row_max, 0.0).detach()
-        exp_scores = torch.exp(scores - shift)
-        row_sum = exp_scores.sum(dim=-1, keepdim=True)
-        empty = row_sum == 0
-        probs = exp_scores / torch.where(empty, 1.0, row_sum)
-        lse = torch.where(empty, -math.inf, shift + torch.log(torch.where(empty, 1.0, row_sum)))
+        probs, lse, row_max = _softmax_rows(scores)
 
         out = chunks.grouped(probs.to(value.dtype)) @ value_kv
         outs.append(out.flatten(1, 2))
-        lses.append(lse.squeeze(-1))
-        maxes.append(row_max.squeeze(-1))
+        lses.append(lse)
+        maxes.append(row_max)
 
     out = torch.cat(outs, dim=2).to(query.dtype)
     return out, torch.cat(lses, dim=2), torch.cat(maxes, dim=2)
@@ -155,7 +164,8 @@ def attention_backward_reference(
     mask_mod_buffers: tuple = (),
     rows_per_chunk: int | None = None,
 ):
-    """Gradients of :func:`attention_reference` from its saved ``out`` and ``lse``.
+    """Gradients of :func:`attention_reference` (``out`` and ``lse`` are the forward's outputs;
+    the reference recomputes what it needs from the inputs, more exactly than from them).
 
     The derivative of score_mod (for the scores and for every captured buffer) comes from
     ``joint_graph`` (see ``autograd.build_joint_graph``) evaluated at every position, the way
@@ -176,27 +186,34 @@ def attention_backward_reference(
         suffix=(0,) + (None,) * len(score_mod_buffers),
         out_dims=[0, None, None, None, None] + [None] * len(score_mod_buffers),
     )
+    buffers64 = [b.double() if b.is_floating_point() else b for b in score_mod_buffers]
     for start, stop in chunks.ranges:
         q_idx = torch.arange(start, stop, device=query.device)
         raw = chunks.raw_scores(query, key_kv, start, stop) * scale
         modified = evaluate_score_mod(score_mod, raw, chunks.b, chunks.h, q_idx, chunks.kv_idx, score_mod_buffers)
         allowed = chunks.allowed(q_idx, mask_mod_buffers)
-        row_lse = lse[:, :, start:stop, None].to(compute)
-        probs = torch.where(allowed & torch.isfinite(row_lse), torch.exp(modified.to(compute) - row_lse), 0.0)
+        # Probabilities are recomputed rather than rebuilt from the saved lse: lse rounded to
+        # float32 makes rows sum to 1 ± |lse|·eps, an error captured-buffer gradients
+        # multiply by the (possibly large) positions they are weighted with.
+        probs, _, _ = _softmax_rows(torch.where(allowed, modified.to(compute), -math.inf))
 
         d_out = grad_out[:, :, start:stop].to(compute) if grad_out is not None else None
         d_modified = torch.zeros_like(probs)
         if d_out is not None:
             grad_value += (chunks.grouped(probs).transpose(-1, -2) @ chunks.grouped(d_out)).sum(2, keepdim=True)
             d_probs = (chunks.grouped(d_out) @ value_kv.transpose(-1, -2)).flatten(1, 2)
-            delta = (d_out * out[:, :, start:stop].to(compute)).sum(-1, keepdim=True)
+            # Σ P·dP, the exact softmax backward; kernels use the cheaper Σ dO·O, equal in exact
+            # arithmetic but noisier, which the captured-buffer reductions amplify.
+            delta = (probs * d_probs).sum(-1, keepdim=True)
             d_modified = d_modified + probs * (d_probs - delta)
         if grad_lse is not None:
             d_modified = d_modified + probs * grad_lse[:, :, start:stop, None].to(compute)
 
+        # The joint graph also sums each captured buffer's gradient over every position of the
+        # chunk; float64 keeps that long reduction from dominating the error.
         with TransformGetItemToIndex():
             d_raw, _, _, _, _, *chunk_buffer_grads = joint(
-                raw, chunks.b, chunks.h, q_idx, chunks.kv_idx, d_modified, *score_mod_buffers
+                raw.double(), chunks.b, chunks.h, q_idx, chunks.kv_idx, d_modified.double(), *buffers64
             )
         if d_raw is None:  # score_mod ignores the score: q and k get no gradient through it
             d_raw = torch.zeros_like(raw)

@@ -54,6 +54,7 @@ PRIVATE_SYMBOLS = {
         "register_pytree_node",
         "GetAttrKey",
         "tree_flatten",
+        "tree_flatten_with_path",
         "tree_unflatten",
         "tree_map",
     ],

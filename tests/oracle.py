@@ -1,0 +1,140 @@
+"""Running a catalogue variant through inductor_flex and through the float64 oracle.
+
+The oracle is ``reference.attention_reference`` on float64 copies of every input (captured
+buffers included), differentiated by plain torch autograd: independent of our operators,
+joint graph and backward implementation. The *same-dtype eager error* is the same reference
+run in the test dtype; an implementation passes when its error is at most twice that (plus a
+floor of a few units of round-off) and it holds no NaN.
+"""
+
+import math
+
+import torch
+
+from inductor_flex import AuxRequest, create_block_mask, flex_attention
+from inductor_flex.block_mask import full_block_mask
+from inductor_flex.reference import attention_reference
+
+MODES = {
+    "eager": flex_attention,
+    "aot_eager": torch.compile(flex_attention, backend="aot_eager", fullgraph=True),
+}
+
+
+def max_error(actual, gold):
+    return (actual.double() - gold.double()).abs().max().item() if actual.numel() else 0.0
+
+
+def assert_within(name, actual, gold, baseline, factor=2.0, terms_per_element=1):
+    """actual's error vs gold is at most ``factor`` × baseline's error (plus round-off floor).
+
+    ``terms_per_element``: how many products each element sums (a captured buffer's gradient
+    sums over every position that reads it); the round-off floor grows with its square root.
+    """
+    assert actual.shape == gold.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(gold.shape)}"
+    assert not torch.isnan(actual).any(), f"{name}: NaN"
+    finite = torch.isfinite(gold)
+    assert torch.equal(torch.isfinite(actual), finite), f"{name}: infinities differ from the oracle"
+    actual, gold, baseline = actual[finite], gold[finite], baseline[finite]
+    # A few units of round-off of actual's dtype at the result's magnitude.
+    floor = 4 * torch.finfo(actual.dtype).eps * max(1.0, gold.abs().max().item() if gold.numel() else 1.0)
+    floor *= math.sqrt(terms_per_element)
+    err, base = max_error(actual, gold), max_error(baseline, gold)
+    assert err <= factor * base + floor, f"{name}: error {err:.3e} > {factor} × eager error {base:.3e}"
+
+
+def _gold_copies(tensors, learnable=()):
+    copies = {}
+    for name, t in tensors.items():
+        if t.is_floating_point():
+            copies[name] = t.detach().double().requires_grad_(name in learnable or t.requires_grad)
+        else:
+            copies[name] = t
+    return copies
+
+
+def _same_dtype_copies(tensors, learnable=()):
+    return {
+        name: t.detach().clone().requires_grad_(t.is_floating_point() and (name in learnable or t.requires_grad))
+        for name, t in tensors.items()
+    }
+
+
+def _reference_run(variant, inputs, buffers, block_mask_fields, scale, grad_out, grad_lse):
+    """Reference forward + autograd backward over ``inputs`` (q, k, v) and ``buffers``."""
+    score_mod, mask_mod = variant.build(buffers)
+    fields = block_mask_fields[:-1] + (mask_mod or block_mask_fields[-1],)
+    out, lse, _ = attention_reference(
+        inputs["q"], inputs["k"], inputs["v"], score_mod or (lambda s, b, h, q, k: s), fields, scale
+    )
+    differentiable = [t for t in (*inputs.values(), *buffers.values()) if t.requires_grad]
+    loss = (out.double() * grad_out.double()).sum() + (torch.where(torch.isfinite(lse), lse, 0).double() * grad_lse).sum()
+    grads = torch.autograd.grad(loss, differentiable, allow_unused=True)
+    named = [n for n, t in (*inputs.items(), *buffers.items()) if t.requires_grad]
+    return out, lse, dict(zip(named, grads))
+
+
+def run_variant(variant, *, B=2, Hq=4, Hkv=2, L=67, S=67, E=16, Ev=16, dtype=torch.float32,
+                mode="eager", block_size=16, device="cpu", backward=True, check_torch=False):
+    """Run one case and assert forward (out, lse) and gradients against the oracle."""
+    buffers = variant.make_buffers(B, Hq, L, S, device)
+    for name in variant.learnable:
+        buffers[name].requires_grad_(backward)
+    inputs = {
+        "q": torch.randn(B, Hq, L, E, device=device, dtype=dtype, requires_grad=backward),
+        "k": torch.randn(B, Hkv, S, E, device=device, dtype=dtype, requires_grad=backward),
+        "v": torch.randn(B, Hkv, S, Ev, device=device, dtype=dtype, requires_grad=backward),
+    }
+    score_mod, mask_mod = variant.build(buffers)
+    block_mask = (
+        create_block_mask(mask_mod, B, Hq, L, S, device=device, BLOCK_SIZE=block_size) if mask_mod else None
+    )
+    fields = (block_mask or full_block_mask(L, S, device=device)).as_tuple()
+    scale = 1.0 / math.sqrt(E)
+
+    out, aux = MODES[mode](inputs["q"], inputs["k"], inputs["v"], score_mod=score_mod, block_mask=block_mask,
+                           enable_gqa=Hq != Hkv, return_aux=AuxRequest(lse=True))
+    grad_out = torch.randn_like(out)
+    grad_lse = torch.randn_like(aux.lse, dtype=torch.float64) * 0.1
+    ours = {}
+    if backward:
+        loss = (out.double() * grad_out.double()).sum() + (torch.where(torch.isfinite(aux.lse), aux.lse, 0).double() * grad_lse).sum()
+        differentiable = {n: t for n, t in (*inputs.items(), *buffers.items()) if t.requires_grad}
+        ours = dict(zip(differentiable, torch.autograd.grad(loss, list(differentiable.values()))))
+
+    gold_out, gold_lse, gold_grads = _reference_run(
+        variant, _gold_copies(inputs), _gold_copies(buffers, variant.learnable), fields, scale, grad_out, grad_lse
+    )
+    base_out, base_lse, base_grads = _reference_run(
+        variant, _same_dtype_copies(inputs), _same_dtype_copies(buffers, variant.learnable), fields, scale,
+        grad_out, grad_lse,
+    )
+    label = f"{variant.name}[{mode}]"
+    assert_within(f"{label} out", out, gold_out, base_out)
+    assert_within(f"{label} lse", aux.lse, gold_lse, base_lse)
+    positions = B * Hq * L * S
+    for name, grad in ours.items():
+        terms = positions // grad.numel() if name in buffers else 1
+        assert_within(f"{label} d{name}", grad, gold_grads[name], base_grads[name], terms_per_element=terms)
+    if check_torch:
+        _check_against_torch(variant, inputs, buffers, B, Hq, L, S, block_size, out, aux.lse, gold_out, gold_lse)
+    return out
+
+
+def _check_against_torch(variant, inputs, buffers, B, Hq, L, S, block_size, out, lse, gold_out, gold_lse):
+    """torch's own flex_attention on the same inputs: we must be at least as accurate (within 2×)."""
+    from torch.nn.attention import flex_attention as torch_flex
+
+    detached = {n: t.detach() for n, t in buffers.items()}
+    score_mod, mask_mod = variant.build(detached)
+    torch_mask = (
+        torch_flex.create_block_mask(mask_mod, B, Hq, L, S, device=out.device.type, BLOCK_SIZE=block_size)
+        if mask_mod else None
+    )
+    q, k, v = (inputs[n].detach() for n in "qkv")
+    torch_out, torch_aux = torch_flex.flex_attention(
+        q, k, v, score_mod=score_mod, block_mask=torch_mask, enable_gqa=q.size(1) != k.size(1),
+        return_aux=torch_flex.AuxRequest(lse=True),
+    )
+    assert_within(f"{variant.name} out vs torch", out.detach(), gold_out.detach(), torch_out)
+    assert_within(f"{variant.name} lse vs torch", lse.detach(), gold_lse.detach(), torch_aux.lse)

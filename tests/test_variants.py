@@ -1,0 +1,63 @@
+"""The variant catalogue through inductor_flex, forward and backward, against the oracle."""
+
+
+import pytest
+import torch
+
+from catalogue import BY_NAME, CATALOGUE
+from oracle import run_variant
+
+
+
+@pytest.mark.parametrize("mode", ["eager", "aot_eager"])
+@pytest.mark.parametrize("variant", CATALOGUE, ids=lambda v: v.name)
+def test_catalogue_forward_backward(variant, mode):
+    run_variant(variant, mode=mode, check_torch=True)
+
+
+@pytest.mark.parametrize("L,S", [(1, 1), (17, 17), (300, 300), (1, 300), (300, 17)])
+@pytest.mark.parametrize("E,Ev", [(16, 16), (80, 80), (96, 64), (192, 128)])
+def test_awkward_sizes(L, S, E, Ev):
+    run_variant(BY_NAME["alibi"], B=1, Hq=2, Hkv=1, L=L, S=S, E=E, Ev=Ev, block_size=48)
+
+
+@pytest.mark.parametrize("variant", ["document", "relative_position"], ids=str)
+def test_long_sequence(variant):
+    run_variant(BY_NAME[variant], B=1, Hq=2, Hkv=2, L=1000, S=1000, E=32, Ev=32, block_size=128)
+
+
+@pytest.mark.parametrize("block_size", [16, 24, 48, 100, (64, 32), (32, 128)], ids=str)
+def test_block_sizes(block_size):
+    run_variant(BY_NAME["document"], L=150, S=130, block_size=block_size)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_dtypes(dtype):
+    run_variant(BY_NAME["alibi"], dtype=dtype, L=40, S=40)
+
+
+def test_gqa_group_of_three():
+    run_variant(BY_NAME["head_batch_bias"], Hq=6, Hkv=2)
+
+
+def test_broadcast_kv_batch():
+    """Keys/values with batch 1 broadcast over the query batch; their grads sum over it."""
+    import math
+
+    from inductor_flex import flex_attention
+    from inductor_flex.block_mask import full_block_mask
+    from inductor_flex.reference import attention_reference
+
+    q = torch.randn(3, 2, 20, 16, requires_grad=True)
+    k = torch.randn(1, 2, 20, 16, requires_grad=True)
+    v = torch.randn(1, 2, 20, 16, requires_grad=True)
+    out = flex_attention(q, k, v)
+    out.sum().backward()
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    gold, _, _ = attention_reference(q64, k64.expand(3, -1, -1, -1), v64.expand(3, -1, -1, -1),
+                                     lambda s, b, h, i, j: s, full_block_mask(20, 20, "cpu").as_tuple(),
+                                     1 / math.sqrt(16))
+    gold.sum().backward()
+    torch.testing.assert_close(out.double(), gold, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k.grad.double(), k64.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(v.grad.double(), v64.grad, atol=1e-4, rtol=1e-4)
