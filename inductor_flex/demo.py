@@ -77,6 +77,8 @@ def picture_stride(seq_len: int) -> int:
 
 @dataclass
 class Result:
+    """One table row; NaN marks what was not reached before an error."""
+
     variant: Variant
     sparsity: float = math.nan
     forward_error: float = math.nan
@@ -118,7 +120,7 @@ def run_variant(result: Result, sizes: Sizes, device, dtype, backend, seed: int,
     result.sparsity = block_mask.sparsity()
     save_mask_picture(block_mask, mask_mod, pictures / f"{variant.name}.png")
 
-    # A fresh compile per variant: the recompile limit must never turn a variant into eager.
+    # A fresh compile per variant, so Dynamo's recompile limit is never reached across variants.
     torch.compiler.reset()
     attention = torch.compile(flex_attention, backend=backend, fullgraph=True)
     args = (attention, query, key, value, learnable, score_mod, block_mask, grad_out)
@@ -240,13 +242,12 @@ def add_parser(subcommands) -> argparse.ArgumentParser:
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"folder for the mask PNGs (default ./{DEFAULT_OUT})")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: float32 on cpu, bfloat16 on cuda")
-    parser.add_argument(
-        "--backend", help="torch.compile backend (default: " + ", ".join(f"{d}: {b}" for d, b in COMPILE_BACKEND.items()) + ")"
-    )
+    default_backends = ", ".join(f"{device}: {backend}" for device, backend in COMPILE_BACKEND.items())
+    parser.add_argument("--backend", help=f"torch.compile backend (default: {default_backends})")
+    small = SMALL_SIZES
     parser.add_argument(
         "--small", action="store_true",
-        help=f"tiny sizes {SMALL_SIZES.batch}x{SMALL_SIZES.heads}x{SMALL_SIZES.seq_len}x{SMALL_SIZES.head_dim} "
-        "for a quick check",
+        help=f"tiny sizes B={small.batch} H={small.heads} S={small.seq_len} D={small.head_dim} for a quick check",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of inputs and captured tensors (default 0)")
     parser.set_defaults(run=run)

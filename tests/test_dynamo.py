@@ -1,0 +1,134 @@
+"""Capture by Dynamo: fullgraph with closures, gradients to closures without compile,
+torch's own flex attention untouched in the same process, BlockMask through compiled code."""
+
+import math
+
+import pytest
+import torch
+
+from inductor_flex import create_block_mask, flex_attention
+from inductor_flex.reference import attention_reference
+
+
+def _causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_fullgraph_closure_indexed_by_every_index(backend):
+    B, H, L, S, E = 2, 3, 40, 24, 16
+    bias = torch.randn(B, H, L, S, requires_grad=True)
+    per_head = torch.randn(H, requires_grad=True)
+    doc = torch.randint(0, 3, (S,)).sort().values
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score * per_head[h] + bias[b, h, q_idx, kv_idx]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (doc[kv_idx] <= doc[q_idx % S]) | (kv_idx == 0)
+
+    mask = create_block_mask(mask_mod, B, H, L, S, device="cpu", BLOCK_SIZE=(16, 8))
+    q = torch.randn(B, H, L, E, requires_grad=True)
+    k = torch.randn(B, H, S, E, requires_grad=True)
+    v = torch.randn(B, H, S, E, requires_grad=True)
+    compiled = torch.compile(flex_attention, backend=backend, fullgraph=True)
+    out = compiled(q, k, v, score_mod=score_mod, block_mask=mask)
+    out.sum().backward()
+    assert bias.grad is not None and per_head.grad is not None
+
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, bias, per_head)]
+    q64, k64, v64, bias64, head64 = leaves
+
+    def score64(score, b, h, q_idx, kv_idx):
+        return score * head64[h] + bias64[b, h, q_idx, kv_idx]
+
+    gold, _, _ = attention_reference(q64, k64, v64, score64, mask.as_tuple(), 1 / math.sqrt(E))
+    gold.sum().backward()
+    torch.testing.assert_close(out.double(), gold, atol=1e-5, rtol=1e-5)
+    for ours, ref in zip((q, k, v, bias, per_head), leaves):
+        torch.testing.assert_close(ours.grad.double(), ref.grad, atol=2e-4, rtol=2e-4)
+
+
+def test_eager_call_gives_gradients_to_closures():
+    slopes = torch.rand(2, requires_grad=True)
+
+    def alibi(score, b, h, q_idx, kv_idx):
+        return score + slopes[h] * (kv_idx - q_idx)
+
+    q, k, v = (torch.randn(1, 2, 20, 8, requires_grad=True) for _ in range(3))
+    flex_attention(q, k, v, score_mod=alibi).sum().backward()
+    assert slopes.grad is not None and slopes.grad.abs().sum() > 0
+
+
+def test_torch_flex_attention_still_works_in_same_process():
+    from torch.nn.attention import flex_attention as torch_flex
+
+    q, k, v = (torch.randn(1, 2, 64, 16) for _ in range(3))
+    ours = flex_attention(q, k, v, block_mask=create_block_mask(_causal, 1, 1, 64, 64, device="cpu"))
+    mask = torch_flex.create_block_mask(_causal, 1, 1, 64, 64, device="cpu")
+    theirs = torch.compile(torch_flex.flex_attention, backend="aot_eager")(q, k, v, block_mask=mask)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_block_mask_created_inside_compiled_function():
+    def attend(q, k, v):
+        mask = create_block_mask(_causal, None, None, q.size(-2), k.size(-2), device="cpu", BLOCK_SIZE=16)
+        return flex_attention(q, k, v, block_mask=mask), mask
+
+    q, k, v = (torch.randn(1, 2, 48, 16) for _ in range(3))
+    out, mask = torch.compile(attend, backend="aot_eager", fullgraph=True)(q, k, v)
+    torch.testing.assert_close(out, flex_attention(q, k, v, block_mask=mask))
+    assert mask.BLOCK_SIZE == (16, 16)
+
+
+def test_no_recompile_for_new_data():
+    calls = []
+
+    def counting_backend(gm, inputs):
+        calls.append(gm)
+        return gm.forward
+
+    slopes = torch.rand(2)
+
+    def alibi(score, b, h, q_idx, kv_idx):
+        return score + slopes[h] * (kv_idx - q_idx)
+
+    compiled = torch.compile(flex_attention, backend=counting_backend, fullgraph=True)
+    for _ in range(3):
+        q, k, v = (torch.randn(1, 2, 32, 16) for _ in range(3))
+        slopes.copy_(torch.rand(2))
+        compiled(q, k, v, score_mod=alibi)
+    assert len(calls) == 1
+
+
+def test_return_lse_and_max_scores():
+    from inductor_flex import AuxRequest
+
+    q, k, v = (torch.randn(1, 2, 30, 16, dtype=torch.float64) for _ in range(3))
+    out, aux = flex_attention(q, k, v, return_aux=AuxRequest(lse=True, max_scores=True))
+    scores = (q @ k.transpose(-1, -2)) / 4.0
+    torch.testing.assert_close(aux.lse, scores.logsumexp(-1))
+    torch.testing.assert_close(aux.max_scores, scores.amax(-1))
+    torch.testing.assert_close(out, scores.softmax(-1) @ v)
+    only_lse = flex_attention(q, k, v, return_aux=AuxRequest(lse=True))[1]
+    assert only_lse.max_scores is None
+    with pytest.warns(FutureWarning):
+        _, lse = flex_attention(q, k, v, return_lse=True)
+    torch.testing.assert_close(lse, aux.lse)
+
+
+def test_fully_masked_rows_give_zero_and_finite_grads():
+    def only_even_rows(b, h, q_idx, kv_idx):
+        return (q_idx % 2 == 0) & (kv_idx <= q_idx)
+
+    mask = create_block_mask(only_even_rows, None, None, 32, 32, device="cpu", BLOCK_SIZE=8)
+    q, k, v = (torch.randn(1, 2, 32, 16, requires_grad=True) for _ in range(3))
+    from inductor_flex import AuxRequest
+
+    out, aux = flex_attention(q, k, v, block_mask=mask, return_aux=AuxRequest(lse=True))
+    assert torch.all(out[:, :, 1::2] == 0)
+    assert torch.all(aux.lse[:, :, 1::2] == -math.inf)
+    (out.sum() + torch.where(torch.isfinite(aux.lse), aux.lse, 0).sum()).backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert torch.all(q.grad[:, :, 1::2] == 0)
