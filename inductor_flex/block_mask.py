@@ -8,7 +8,7 @@ position are listed nowhere and never computed. The backward iterates the other 
 same information is kept transposed per KV-block column (``q_*`` tensors).
 
 Index lists are stored like torch's: ``kv_num_blocks[b, h, m]`` entries of
-``kv_indices[b, h, m, :]`` are valid, in increasing order; the rest of the row holds the
+``kv_indices[b, h, m, :]`` are valid (in increasing order, as built here); the rest of the row holds the
 remaining block ids (always in range, never garbage).
 
 The last block row/column may be ragged (lengths need not be multiples of the block size).
@@ -35,11 +35,12 @@ __all__ = ["BlockMask", "and_masks", "create_block_mask", "create_mask", "noop_m
 DEFAULT_BLOCK_SIZE = 128
 
 # Largest number of mask elements create_block_mask evaluates at once in eager mode. mask_mod
-# intermediates (e.g. int64 index differences) take 8 bytes per element: on CPU 2 Mi elements
-# keep them cache-sized (measured ~2x faster than 16 Mi on a sliding window); on accelerators
-# larger tiles mean fewer kernel launches.
+# intermediates (e.g. int64 index differences) take 8 bytes per element. On CPU, 2 Mi elements
+# keep them cache-sized (~2x faster than 16 Mi on a sliding window). On GPUs the cost is the
+# host-side vmap dispatch per tile (~1 ms per indexing op), so tiles are large: 64 Mi elements,
+# up to ~0.5 GiB of transient intermediates (H100: causal 32k² in 8 ms, 128k² in 0.1 s).
 CPU_TILE_ELEMENTS = 1 << 21
-ACCELERATOR_TILE_ELEMENTS = 1 << 24
+ACCELERATOR_TILE_ELEMENTS = 1 << 26
 # Under torch.compile the tile loop unrolls into the graph, so tiles are made much larger:
 # Inductor fuses the mask evaluation into the per-block reduction and never materialises a
 # tile, whereas a non-fusing backend ("eager", "aot_eager") materialises up to this many bools.
@@ -118,10 +119,19 @@ def _slice_index_map(index, size: int) -> tuple[int, int] | None:
         return (0, 1)
     if isinstance(index, int):
         return (index % size, 0)
-    if isinstance(index, slice):
-        start, stop, step = index.indices(size)
-        return (start, 0) if len(range(start, stop, step)) == 1 else (start, step)
+    if isinstance(index, slice) and (index.step is None or index.step > 0):
+        # slice.indices(size), spelled out: Dynamo of torch 2.11 cannot trace that builtin.
+        step = 1 if index.step is None else index.step
+        start = _clamped_position(index.start, size, default=0)
+        stop = _clamped_position(index.stop, size, default=size)
+        return (start, 0) if -(-(stop - start) // step) == 1 else (start, step)
     return None
+
+
+def _clamped_position(bound: int | None, size: int, default: int) -> int:
+    if bound is None:
+        return default
+    return min(max(bound + size if bound < 0 else bound, 0), size)
 
 
 def _keep_dim(index, size: int):
@@ -625,20 +635,23 @@ def _tile_extent(per_block: int, num_rows: int, num_cols: int, budget: int) -> t
     return 1, blocks
 
 
-def _any_all_per_block(allowed: torch.Tensor, q_block: int, kv_block: int, collapse_broadcast: bool):
+def _any_all_per_block(allowed: torch.Tensor, q_block: int, kv_block: int, eager: bool):
     """Per-block (any, all) of a bool tile [B', H', rows*Q_BLOCK, cols*KV_BLOCK].
 
-    Dimensions broadcast by the mask_mod (stride 0) hold equal values, so they are first
-    narrowed to size 1: reducing them is free, and the result broadcasts back on assignment.
+    In eager mode, dimensions broadcast by the mask_mod (stride 0) hold equal values, so they
+    are first narrowed to size 1: reducing them is free, and the result broadcasts back on
+    assignment. (Under compile, strides are not the ones that will run; Inductor fuses anyway.)
     """
-    if collapse_broadcast:
+    if eager:
         for dim in range(4):
             if allowed.stride(dim) == 0 and allowed.size(dim) > 1:
                 allowed = allowed.narrow(dim, 0, 1)
     b, h, q, kv = allowed.shape
     q_block, kv_block = min(q_block, q), min(kv_block, kv)
     blocks = allowed.reshape(b, h, q // q_block, q_block, kv // kv_block, kv_block)
-    blocks = blocks.view(torch.uint8)  # CPU reductions of uint8 vectorise, of bool not (~4x)
+    if eager:
+        # Eager CPU reductions of uint8 vectorise, of bool not (~4x); Inductor rejects the view.
+        blocks = blocks.view(torch.uint8)
     return blocks.amax(dim=(3, 5)).bool(), blocks.amin(dim=(3, 5)).bool()
 
 
@@ -654,7 +667,10 @@ def _block_any_all(mask_mod, B, H, Q_LEN, KV_LEN, q_block, kv_block, device):
     b = torch.arange(B, device=device)
     h = torch.arange(H, device=device)
     compiling = torch.compiler.is_compiling()
-    if not compiling:
+    if compiling:
+        budget = COMPILED_TILE_ELEMENTS
+    else:
+        budget = CPU_TILE_ELEMENTS if device.type == "cpu" else ACCELERATOR_TILE_ELEMENTS
         # A mask_mod that ignores b or h returns a tensor broadcast along it (vmap expands
         # unbatched outputs); evaluate it for one batch/head only. Exact, since broadcasting
         # is structural, not data-dependent.
@@ -663,10 +679,6 @@ def _block_any_all(mask_mod, B, H, Q_LEN, KV_LEN, q_block, kv_block, device):
             b = b[:1]
         if H > 1 and probe.stride(1) == 0:
             h = h[:1]
-    if compiling:
-        budget = COMPILED_TILE_ELEMENTS
-    else:
-        budget = CPU_TILE_ELEMENTS if device.type == "cpu" else ACCELERATOR_TILE_ELEMENTS
     rows, cols = _tile_extent(b.numel() * h.numel() * q_block * kv_block, num_rows, num_cols, budget)
 
     any_map = torch.empty(B, H, num_rows, num_cols, dtype=torch.bool, device=device)
@@ -702,7 +714,9 @@ def create_block_mask(
     Same signature as torch's. The dense mask is never built: mask_mod is evaluated a tile
     at a time (a few Mi positions) and each tile reduced to per-block any/all bits, so
     memory stays O(blocks) and 128k × 128k masks build on a CPU. Under ``torch.compile``
-    the loop unrolls, so far fewer, larger tiles are used (Inductor fuses them away).
+    the loop unrolls, so far fewer, larger tiles are used (Inductor fuses them away). No
+    step waits on the device. To rebuild a mask every training step on a GPU, compile it:
+    ``torch.compile(create_block_mask)`` (eager mode pays host-side vmap dispatch per tile).
 
     ``B``/``H`` None mean 1 (broadcast over batches/heads). ``device`` None means CUDA when
     available, else CPU. ``separate_full_blocks=False`` lists every non-empty block as

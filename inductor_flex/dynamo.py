@@ -28,6 +28,7 @@ from ._compat.dynamo import (
     wrap_fx_proxy,
 )
 from ._compat.hop import TransformGetItemToIndex
+from .lowering import register_lowerings
 
 _GRAPH_BREAK_FIX = (
     "{role} must be traceable by torch.compile as a pure tensor function of its arguments: no "
@@ -85,6 +86,8 @@ class FlexAttentionVariable(TorchHigherOrderOperatorVariable):
                 "arguments; call flex_attention() instead of the operator."
             )
         query, key, value, score_mod, block_mask, scale, kernel_options = args
+        # The graph we emit may reach Inductor: make sure it knows how to lower our operators.
+        register_lowerings()
         score_node, score_buffers = self._speculate_mod(tx, query, score_mod, "score_mod")
         mask_node, mask_buffers = self._speculate_mod(tx, query, block_mask.items[-1], "mask_mod")
 

@@ -38,6 +38,7 @@ from ._compat.hop import (
 )
 from ._compat.pytree import tree_map
 from .dynamo import register_dynamo_variable
+from .lowering import register_lowerings
 from .mods import index_examples
 from .reference import MASK_MOD, attention_backward_reference, attention_reference, working_dtype
 
@@ -88,6 +89,8 @@ def _trace_mods(query, score_mod, block_mask, score_mod_buffers, mask_mod_buffer
 
 def _record(mode, op, example_out, args):
     """Emit one call of ``op`` on the proxy tracer and tie the example outputs to it."""
+    # A graph traced without Dynamo (make_fx, non-strict export) may reach Inductor too.
+    register_lowerings()
     proxy_args = tree_map(mode.tracer.unwrap_proxy, args)
     with set_original_aten_op(op):
         out_proxy = mode.tracer.create_proxy("call_function", op, proxy_args, {})

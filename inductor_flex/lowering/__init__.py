@@ -1,0 +1,26 @@
+"""Inductor lowerings of our operators.
+
+``register_lowerings()`` installs them into Inductor's table; it is called when Dynamo or
+make_fx first captures one of our operators (never at import), and is idempotent.
+
+- forward: the fused Triton template (``triton_forward.py``) on GPUs, and on CPU when
+  Inductor's CPU backend is Triton (the interpreter tests); otherwise the query-chunked
+  decomposition compiled by Inductor (``decomposed.py``).
+- backward: the query-chunked decomposition until the fused backward template lands.
+"""
+
+_registered = False
+
+
+def register_lowerings() -> None:
+    global _registered
+    if _registered:
+        return
+    from .._compat.inductor import register_lowering
+    from ..ops import flex_attention_backward_op, flex_attention_op
+    from .backward import lower_backward
+    from .forward import lower_forward
+
+    register_lowering(flex_attention_op, type_promotion_kind=None)(lower_forward)
+    register_lowering(flex_attention_backward_op, type_promotion_kind=None)(lower_backward)
+    _registered = True

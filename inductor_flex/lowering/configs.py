@@ -1,0 +1,110 @@
+"""Kernel configurations and the per-architecture heuristics that pick them: one file.
+
+Constraints of every config: BLOCK_M and BLOCK_N are powers of two >= 16 (tl.dot and arange
+need them), num_warps is one of 2/4/8, num_stages >= 1, and the tiles of q, k and v for
+num_stages pipeline stages fit in the GPU's shared memory (``fits_shared_memory``).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ForwardConfig:
+    """One forward-kernel configuration (see the module docstring for the constraints)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# (arch, head_dim bucket, low precision?) -> default. sm90 = H100/H200, sm80 = A100.
+_DEFAULT_FORWARD = {
+    ("sm90", 64, True): ForwardConfig(128, 128, 8, 3),
+    ("sm90", 128, True): ForwardConfig(128, 64, 8, 3),
+    ("sm90", 256, True): ForwardConfig(64, 32, 4, 3),
+    ("sm90", 64, False): ForwardConfig(128, 32, 4, 3),
+    ("sm90", 128, False): ForwardConfig(64, 32, 4, 3),
+    ("sm90", 256, False): ForwardConfig(32, 32, 4, 2),
+    ("sm80", 64, True): ForwardConfig(128, 64, 4, 3),
+    ("sm80", 128, True): ForwardConfig(128, 64, 8, 3),
+    ("sm80", 256, True): ForwardConfig(64, 32, 4, 3),
+    ("sm80", 64, False): ForwardConfig(128, 32, 4, 3),
+    ("sm80", 128, False): ForwardConfig(64, 32, 4, 3),
+    ("sm80", 256, False): ForwardConfig(32, 32, 4, 2),
+}
+
+# Extra candidates tried under mode="max-autotune".
+_AUTOTUNE_FORWARD = [
+    ForwardConfig(128, 128, 8, 3),
+    ForwardConfig(128, 64, 8, 3),
+    ForwardConfig(128, 64, 4, 3),
+    ForwardConfig(128, 128, 8, 2),
+    ForwardConfig(64, 128, 4, 3),
+    ForwardConfig(64, 64, 4, 3),
+    ForwardConfig(64, 32, 4, 2),
+    ForwardConfig(32, 32, 4, 2),
+]
+
+_SHARED_MEMORY_BYTES = {"sm90": 227 * 1024, "sm80": 163 * 1024, "other": 99 * 1024}
+
+
+def architecture(device: torch.device) -> str:
+    """sm90 / sm80 / other, from the CUDA capability (the interpreter counts as sm80)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return "sm80"
+    major, _ = torch.cuda.get_device_capability(device)
+    return "sm90" if major == 9 else "sm80" if major >= 8 else "other"
+
+
+def _head_dim_bucket(head_dim: int) -> int:
+    return 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+
+
+def fits_shared_memory(config: ForwardConfig, qk_dim: int, v_dim: int, itemsize: int, arch: str) -> bool:
+    """q tile once, k and v tiles per pipeline stage: a conservative estimate of shared memory."""
+    q_tile = config.block_m * qk_dim
+    kv_tiles = config.num_stages * config.block_n * (qk_dim + v_dim)
+    return (q_tile + kv_tiles) * itemsize <= _SHARED_MEMORY_BYTES.get(arch, _SHARED_MEMORY_BYTES["other"])
+
+
+def forward_configs(device, dtype, qk_dim_rounded: int, v_dim_rounded: int, autotune: bool) -> list[ForwardConfig]:
+    """The default config for this GPU/dtype/head dim, plus the autotuning candidates if asked;
+    configs that would not fit in shared memory are dropped before anything compiles."""
+    arch = architecture(device)
+    low_precision = dtype in (torch.float16, torch.bfloat16)
+    bucket = _head_dim_bucket(max(qk_dim_rounded, v_dim_rounded))
+    default = _DEFAULT_FORWARD.get((arch, bucket, low_precision), ForwardConfig(64, 32, 4, 2))
+    candidates = [default] + ([c for c in _AUTOTUNE_FORWARD if c != default] if autotune else [])
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    fitting = [c for c in candidates if fits_shared_memory(c, qk_dim_rounded, v_dim_rounded, itemsize, arch)]
+    if fitting:
+        return fitting
+    # Shrink the default until it fits: every head dim the template accepts has one.
+    config = default
+    while not fits_shared_memory(config, qk_dim_rounded, v_dim_rounded, itemsize, arch):
+        if config.num_stages > 1:
+            config = ForwardConfig(config.block_m, config.block_n, config.num_warps, config.num_stages - 1)
+        elif config.block_n > 16:
+            config = ForwardConfig(config.block_m, config.block_n // 2, config.num_warps, config.num_stages)
+        elif config.block_m > 16:
+            config = ForwardConfig(config.block_m // 2, config.block_n, config.num_warps, config.num_stages)
+        else:
+            break
+    return [config]
+
+
+def fit_tile(sparse_block: int, preferred: int, length: int) -> int:
+    """Tile (power of two, 16..preferred) to walk a sparse block of ``sparse_block`` positions.
+
+    A tile that divides the block wastes nothing and is taken when it exists at the preferred
+    size; otherwise the cost ``tiles × (tile + 32)`` (the 32 stands for the fixed cost of a
+    step) balances masked-out waste against small, slow tiles.
+    """
+    span = min(sparse_block, max(length, 1))  # a block longer than the sequence is the sequence
+    if span % preferred == 0:
+        return preferred
+    candidates = [t for t in (16, 32, 64, 128) if t <= preferred] or [16]
+    return min(candidates, key=lambda t: (-(-span // t)) * (t + 32) - t * 1e-3)

@@ -1,0 +1,227 @@
+"""Forward lowering onto our fused Triton template (``templates/forward.py.jinja``).
+
+score_mod and mask_mod arrive as FX subgraphs; they are lowered to Inductor IR with
+placeholders for (score, b, h, m, n) and inlined into the template by its ``modification``
+hooks, with the tensors they captured passed as extra kernel inputs.
+"""
+
+import functools
+import hashlib
+from pathlib import Path
+
+import sympy
+import torch
+
+from .._compat.inductor import (
+    MODIFICATION_TAKES_INPUT_DTYPES,
+    FixedLayout,
+    SymbolicGridFn,
+    TritonTemplate,
+    V,
+    build_subgraph_buffer,
+    create_placeholder,
+    empty_strided,
+    freeze_irnodes,
+    inductor_config,
+    ir,
+    realize_inputs,
+    select_algorithm,
+)
+from ..kernel_options import options_for
+from .configs import fit_tile, forward_configs
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+_INDEX_DTYPES = ', input_dtypes={"b": "index", "h": "index", "m": "index", "n": "index"}'
+
+
+@functools.cache
+def template_source(*names: str) -> str:
+    """The template files concatenated, with the torch-version-dependent hook arguments filled."""
+    source = "".join((TEMPLATES / f"{name}.py.jinja").read_text() for name in names)
+    return source.replace("__INDEX_DTYPES__", _INDEX_DTYPES if MODIFICATION_TAKES_INPUT_DTYPES else "")
+
+
+@functools.cache
+def source_version() -> str:
+    """Hash of our template and lowering sources: part of every kernel's options, so Inductor's
+    FX-graph cache (whose key does not cover out-of-tree code) never reuses a stale kernel."""
+    digest = hashlib.sha256()
+    for path in sorted([*TEMPLATES.glob("*.jinja"), *Path(__file__).parent.glob("*.py")]):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@SymbolicGridFn
+def forward_grid(batch, q_heads, q_len, head_dim, meta, *, cdiv):
+    return (cdiv(q_len, meta["SPARSE_Q_BLOCK_SIZE"]) * meta["Q_TILES_PER_BLOCK"], batch, q_heads)
+
+
+@functools.cache
+def forward_template() -> TritonTemplate:
+    return TritonTemplate(name="inductor_flex_forward", grid=forward_grid,
+                          source=template_source("forward", "common"))
+
+
+def _static(expr) -> int:
+    return V.graph.sizevars.guard_int(expr) if isinstance(expr, sympy.Expr) else int(expr)
+
+
+def _known_multiple(length, block: int) -> bool:
+    return V.graph.sizevars.statically_known_true(sympy.Eq(sympy.Mod(length, block), 0))
+
+
+def _span(length, sparse_block: int) -> int:
+    """Positions one sparse block can cover: the block, or the whole sequence if shorter."""
+    if V.graph.sizevars.statically_known_true(sympy.Lt(length, sparse_block)):
+        return _static(length)
+    return sparse_block
+
+
+def _round_head_dim(dim: int) -> int:
+    return max(16, 1 << (dim - 1).bit_length())
+
+
+def float32_precision() -> str:
+    """'ieee' unless the user allowed TF32 matmuls globally."""
+    return "'tf32'" if torch.backends.cuda.matmul.allow_tf32 else "'ieee'"
+
+
+def lower_subgraphs(query, score_graph, mask_graph, score_mod_buffers, mask_mod_buffers):
+    """score_mod and mask_mod as IR to inline (placeholders: score, b, h, m, n)."""
+    device = query.get_device()
+    index_inputs = [create_placeholder(name, torch.int32, device) for name in ("b", "h", "m", "n")]
+    score_inputs = [create_placeholder("score", query.get_dtype(), device), *index_inputs]
+    score_ir = build_subgraph_buffer(score_inputs + list(score_mod_buffers), score_graph)
+    mask_inputs = [create_placeholder(name, torch.int32, device) for name in ("b", "h", "m", "n")]
+    mask_ir = build_subgraph_buffer(mask_inputs + list(mask_mod_buffers), mask_graph)
+    freeze_irnodes(score_ir)
+    freeze_irnodes(mask_ir)
+    return score_ir, mask_ir
+
+
+def realize(nodes):
+    """Realize IR inputs; SymInts lifted by Dynamo (sympy expressions) and None pass through."""
+    return [realize_inputs(n) if n is not None and not isinstance(n, sympy.Expr) else n for n in nodes]
+
+
+def _block_list_inputs(reference_indices, device):
+    """Autotuning benchmarks on made-up inputs: give block lists that are valid (every block
+    listed, indices in range) and integer captured tensors that are safe indices (zeros)."""
+    def num_blocks(node):
+        sizes = V.graph.sizevars.size_hints(node.get_size())
+        listed = V.graph.sizevars.size_hint(reference_indices.get_size()[-1])
+        return torch.full(sizes, listed, dtype=torch.int32, device=device)
+
+    def indices(node):
+        sizes = V.graph.sizevars.size_hints(node.get_size())
+        return torch.arange(sizes[-1], dtype=torch.int32, device=device).expand(sizes).contiguous()
+
+    return num_blocks, indices
+
+
+def _zeros_like_node(node):
+    sizes = V.graph.sizevars.size_hints(node.get_size())
+    return torch.zeros(sizes, dtype=node.get_dtype(), device=node.get_device())
+
+
+def lower_forward_triton(query, key, value, score_graph, block_mask, scale, kernel_options,
+                         score_mod_buffers, mask_mod_buffers):
+    (_, _, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+     _, _, _, _, sparse_q, sparse_kv, mask_graph) = block_mask
+    options = options_for(kernel_options, "fwd")
+    device = query.get_device()
+
+    score_ir, mask_ir = lower_subgraphs(query, score_graph, mask_graph, score_mod_buffers, mask_mod_buffers)
+    query, key, value, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices = realize(
+        [query, key, value, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices]
+    )
+    score_mod_buffers = realize(score_mod_buffers)
+    mask_mod_buffers = realize(mask_mod_buffers)
+    freeze_irnodes(score_mod_buffers)
+    freeze_irnodes(mask_mod_buffers)
+
+    batch, q_heads, q_len, qk_dim = query.get_size()
+    _, kv_heads, kv_len, v_dim = value.get_size()
+    qk_dim, v_dim = _static(qk_dim), _static(v_dim)
+    q_heads, kv_heads = _static(q_heads), _static(kv_heads)
+    sparse_q, sparse_kv = _static(sparse_q), _static(sparse_kv)
+
+    layout = FixedLayout(device, query.get_dtype(), [batch, q_heads, q_len, v_dim],
+                         stride=ir.FlexibleLayout.contiguous_strides([batch, q_heads, q_len, v_dim]))
+    stats_dtype = torch.float32
+    lse = empty_strided([batch, q_heads, q_len], None, dtype=stats_dtype, device=device)
+    row_max = empty_strided([batch, q_heads, q_len], None, dtype=stats_dtype, device=device)
+
+    has_full_blocks = full_kv_num_blocks is not None
+    if not has_full_blocks:  # the kernel never reads them; it still needs pointers
+        full_kv_num_blocks, full_kv_indices = kv_num_blocks, kv_indices
+
+    qk_rounded, v_rounded = _round_head_dim(qk_dim), _round_head_dim(v_dim)
+    shared = {
+        "SPARSE_Q_BLOCK_SIZE": sparse_q,
+        "SPARSE_KV_BLOCK_SIZE": sparse_kv,
+        "QK_HEAD_DIM": qk_dim,
+        "V_HEAD_DIM": v_dim,
+        "QK_HEAD_DIM_ROUNDED": qk_rounded,
+        "V_HEAD_DIM_ROUNDED": v_rounded,
+        "GQA_SHARED_HEADS": q_heads // kv_heads,
+        "HAS_FULL_BLOCKS": has_full_blocks,
+        "SM_SCALE": scale,
+        "PRESCALE_QK": options.get("PRESCALE_QK", False),
+        "ROWS_GUARANTEED_SAFE": options.get("ROWS_GUARANTEED_SAFE", False),
+        "BLOCKS_ARE_CONTIGUOUS": options.get("BLOCKS_ARE_CONTIGUOUS", False),
+        "FLOAT32_PRECISION": float32_precision(),
+        "SOURCE_VERSION": f"'{source_version()}'",
+    }
+    q_span, kv_span = _span(q_len, sparse_q), _span(kv_len, sparse_kv)
+
+    configs = forward_configs(device, query.get_dtype(), qk_rounded, v_rounded,
+                              autotune=bool(inductor_config.max_autotune))
+    choices, errors = [], []
+    for config in configs:
+        block_m = options.get("BLOCK_M") or fit_tile(sparse_q, config.block_m, q_span)
+        block_n = options.get("BLOCK_N") or fit_tile(sparse_kv, config.block_n, kv_span)
+        q_tile_fits = sparse_q % block_m == 0 or q_span < sparse_q
+        kv_tile_fits = sparse_kv % block_n == 0 or kv_span < sparse_kv
+        meta = dict(
+            shared,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            Q_TILES_PER_BLOCK=-(-q_span // block_m),
+            KV_TILES_PER_BLOCK=-(-kv_span // block_n),
+            Q_TILE_FITS_BLOCK=q_tile_fits,
+            KV_TILE_FITS_BLOCK=kv_tile_fits,
+            CHECK_ROWS=not (sparse_q % block_m == 0 and _known_multiple(q_len, sparse_q)),
+            CHECK_COLS=not (sparse_kv % block_n == 0 and _known_multiple(kv_len, sparse_kv)),
+        )
+        error = forward_template().maybe_append_choice(
+            choices=choices,
+            input_nodes=[query, key, value, lse, row_max, kv_num_blocks, kv_indices,
+                         full_kv_num_blocks, full_kv_indices],
+            layout=layout,
+            subgraphs=[score_ir, mask_ir],
+            mutated_inputs=[lse, row_max],
+            call_sizes=query.get_size(),
+            num_warps=options.get("num_warps", config.num_warps),
+            num_stages=options.get("num_stages", config.num_stages),
+            **meta,
+        )
+        if error is not None:
+            errors.append(str(error))
+    if not choices:
+        raise RuntimeError("inductor_flex: no forward kernel configuration could be generated:\n" + "\n".join(errors))
+
+    captured = [b for b in (*score_mod_buffers, *mask_mod_buffers) if isinstance(b, ir.IRNode)]
+    inputs = [query, key, value, lse, row_max, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices]
+    num_blocks_gen, indices_gen = _block_list_inputs(kv_indices, device)
+    input_gen_fns = {5: num_blocks_gen, 6: indices_gen, 7: num_blocks_gen, 8: indices_gen}
+    for position, node in enumerate(captured, start=len(inputs)):
+        if not node.get_dtype().is_floating_point:
+            input_gen_fns[position] = _zeros_like_node
+    out = select_algorithm("inductor_flex_attention", choices, inputs + captured, layout,
+                           input_gen_fns=input_gen_fns)
+    # Inductor finds the symbols a template uses through these (dynamic shapes in captures).
+    out.data.data.subgraph_inps = list(score_mod_buffers) + list(mask_mod_buffers)
+    out.data.data.subgraph_outs = [*(score_ir if isinstance(score_ir, list) else [score_ir]),
+                                   *(mask_ir if isinstance(mask_ir, list) else [mask_ir])]
+    return out, lse, row_max
