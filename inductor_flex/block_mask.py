@@ -7,9 +7,13 @@ blocks (every in-range position is allowed, so mask_mod is skipped); blocks with
 position are listed nowhere and never computed. The backward iterates the other way, so the
 same information is kept transposed per KV-block column (``q_*`` tensors).
 
-Index lists are stored like torch's: ``kv_num_blocks[b, h, m]`` entries of
-``kv_indices[b, h, m, :]`` are valid (in increasing order, as built here); the rest of the row holds the
-remaining block ids (always in range, never garbage).
+Index lists are stored like torch's: the first ``kv_num_blocks[b, h, m]`` entries of
+``kv_indices[b, h, m, :]`` are valid (in increasing order, as built here); the rest of the
+row holds the remaining block ids (always in range, never garbage).
+
+Pytree: the leaves are the tensors; seq_lengths, BLOCK_SIZE and mask_mod are context. Tensors
+captured by a mask_mod closure stay inside the context: torch.export bakes them in as
+constants, and a later call must pass a mask_mod capturing the very same tensors.
 
 The last block row/column may be ragged (lengths need not be multiples of the block size).
 Positions past Q_LEN/KV_LEN do not exist: a ragged block is full when all its in-range
@@ -245,7 +249,9 @@ class BlockMask:
             ("full_q", full_q_num_blocks, full_q_indices),
         ):
             if (num is None) != (idx is None):
-                raise ValueError(f"{name}_num_blocks and {name}_indices must be given together or both be None.")
+                raise ValueError(
+                    f"{name}_num_blocks and {name}_indices must be given together or both be None."
+                )
         self.seq_lengths = tuple(seq_lengths)
         self.kv_num_blocks = kv_num_blocks
         self.kv_indices = kv_indices
@@ -427,7 +433,8 @@ class BlockMask:
         return "\n".join(pictures)
 
     def __str__(self) -> str:
-        return f"BlockMask(shape={self.shape}, sparsity={self.sparsity():.2f}%,\n{self.to_string().strip()}\n)"
+        picture = self.to_string().strip()
+        return f"BlockMask(shape={self.shape}, sparsity={self.sparsity():.2f}%,\n{picture}\n)"
 
     def __repr__(self) -> str:
         fields = ",\n".join(
@@ -753,7 +760,9 @@ def create_block_mask(
     return BlockMask._from_block_maps(partial, full, (Q_LEN, KV_LEN), (q_block, kv_block), mask_mod)
 
 
-def full_block_mask(q_len: int, kv_len: int, device, B: int = 1, H: int = 1, block_size=DEFAULT_BLOCK_SIZE) -> BlockMask:
+def full_block_mask(
+    q_len: int, kv_len: int, device, B: int = 1, H: int = 1, block_size=DEFAULT_BLOCK_SIZE
+) -> BlockMask:
     """BlockMask with every block full: what ``block_mask=None`` means. O(number of blocks)."""
     q_block, kv_block = _normalize_block_size(block_size)
     num_rows, num_cols = -(-q_len // q_block), -(-kv_len // kv_block)

@@ -18,6 +18,7 @@ from inductor_flex.reference import attention_reference
 MODES = {
     "eager": flex_attention,
     "aot_eager": torch.compile(flex_attention, backend="aot_eager", fullgraph=True),
+    "inductor": torch.compile(flex_attention, fullgraph=True),
 }
 
 
@@ -43,21 +44,18 @@ def assert_within(name, actual, gold, baseline, factor=2.0, terms_per_element=1)
     assert err <= factor * base + floor, f"{name}: error {err:.3e} > {factor} × eager error {base:.3e}"
 
 
-def _gold_copies(tensors, learnable=()):
+def _gold_copies(tensors):
     copies = {}
     for name, t in tensors.items():
         if t.is_floating_point():
-            copies[name] = t.detach().double().requires_grad_(name in learnable or t.requires_grad)
+            copies[name] = t.detach().double().requires_grad_(t.requires_grad)
         else:
             copies[name] = t
     return copies
 
 
-def _same_dtype_copies(tensors, learnable=()):
-    return {
-        name: t.detach().clone().requires_grad_(t.is_floating_point() and (name in learnable or t.requires_grad))
-        for name, t in tensors.items()
-    }
+def _same_dtype_copies(tensors):
+    return {name: t.detach().clone().requires_grad_(t.requires_grad) for name, t in tensors.items()}
 
 
 def _reference_run(variant, inputs, buffers, block_mask_fields, scale, grad_out, grad_lse):
@@ -68,6 +66,8 @@ def _reference_run(variant, inputs, buffers, block_mask_fields, scale, grad_out,
         inputs["q"], inputs["k"], inputs["v"], score_mod or (lambda s, b, h, q, k: s), fields, scale
     )
     differentiable = [t for t in (*inputs.values(), *buffers.values()) if t.requires_grad]
+    if not differentiable:
+        return out, lse, {}
     loss = (out.double() * grad_out.double()).sum() + (torch.where(torch.isfinite(lse), lse, 0).double() * grad_lse).sum()
     grads = torch.autograd.grad(loss, differentiable, allow_unused=True)
     named = [n for n, t in (*inputs.items(), *buffers.items()) if t.requires_grad]
@@ -103,10 +103,10 @@ def run_variant(variant, *, B=2, Hq=4, Hkv=2, L=67, S=67, E=16, Ev=16, dtype=tor
         ours = dict(zip(differentiable, torch.autograd.grad(loss, list(differentiable.values()))))
 
     gold_out, gold_lse, gold_grads = _reference_run(
-        variant, _gold_copies(inputs), _gold_copies(buffers, variant.learnable), fields, scale, grad_out, grad_lse
+        variant, _gold_copies(inputs), _gold_copies(buffers), fields, scale, grad_out, grad_lse
     )
     base_out, base_lse, base_grads = _reference_run(
-        variant, _same_dtype_copies(inputs), _same_dtype_copies(buffers, variant.learnable), fields, scale,
+        variant, _same_dtype_copies(inputs), _same_dtype_copies(buffers), fields, scale,
         grad_out, grad_lse,
     )
     label = f"{variant.name}[{mode}]"

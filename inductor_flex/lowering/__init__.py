@@ -9,6 +9,8 @@ make_fx first captures one of our operators (never at import), and is idempotent
 - backward: the query-chunked decomposition until the fused backward template lands.
 """
 
+import warnings
+
 _registered = False
 
 
@@ -21,6 +23,9 @@ def register_lowerings() -> None:
     from .backward import lower_backward
     from .forward import lower_forward
 
+    # Inductor's fake-tensor updater warns about every unknown operator with subgraph
+    # arguments; ours need nothing from it.
+    warnings.filterwarnings("ignore", message="Please add support for subgraph args to function inductor_flex")
     register_lowering(flex_attention_op, type_promotion_kind=None)(lower_forward)
     register_lowering(flex_attention_backward_op, type_promotion_kind=None)(lower_backward)
     _registered = True

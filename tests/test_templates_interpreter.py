@@ -1,0 +1,100 @@
+"""Our Triton templates, run on CPU by Triton's interpreter, against the float64 oracle.
+
+These run only inside the subprocess that ``test_templates_on_cpu.py`` starts with
+``TRITON_INTERPRET=1`` (it must be set before triton is imported); in the main run they skip.
+"""
+
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+from torch.testing import FileCheck
+
+import oracle
+from catalogue import BY_NAME, CATALOGUE
+from inductor_flex import create_block_mask, flex_attention
+from triton_on_cpu import interpreter_requested, triton_on_cpu
+
+pytestmark = pytest.mark.skipif(
+    not interpreter_requested(), reason="run by test_templates_on_cpu.py in a TRITON_INTERPRET=1 subprocess"
+)
+
+
+@pytest.fixture(autouse=True)
+def interpreter():
+    with triton_on_cpu():
+        yield
+
+
+def _forward(variant, **shape):
+    oracle.run_variant(variant, mode="inductor", backward=False, **shape)
+
+
+# Triton's interpreter has no libdevice (tanh & co.); softcap runs in the GPU tier instead.
+INTERPRETABLE = [v for v in CATALOGUE if not v.name.startswith("softcap")]
+
+
+@pytest.mark.parametrize("variant", INTERPRETABLE, ids=lambda v: v.name)
+def test_catalogue_forward(variant):
+    _forward(variant, B=1, Hq=2, Hkv=1, L=40, S=40, E=16, Ev=16, block_size=16)
+
+
+@pytest.mark.parametrize("block_size", [16, 24, 48, 100, (32, 16), (16, 64)], ids=str)
+def test_any_block_size(block_size):
+    _forward(BY_NAME["document"], B=1, Hq=1, Hkv=1, L=70, S=53, E=16, Ev=16, block_size=block_size)
+
+
+@pytest.mark.parametrize("E,Ev", [(8, 8), (4, 16), (80, 48), (24, 40)], ids=str)
+def test_head_dims(E, Ev):
+    _forward(BY_NAME["alibi"], B=1, Hq=2, Hkv=2, L=33, S=19, E=E, Ev=Ev, block_size=16)
+
+
+@pytest.mark.parametrize("L,S", [(1, 1), (1, 37), (37, 1), (17, 17)], ids=str)
+def test_lengths(L, S):
+    _forward(BY_NAME["prefix_lm"], B=2, Hq=2, Hkv=1, L=L, S=S, E=16, Ev=16, block_size=16)
+
+
+# bfloat16 is left to the GPU tier: the interpreter's numpy emulation of it is not faithful.
+@pytest.mark.parametrize("dtype", [torch.float16], ids=str)
+def test_low_precision(dtype):
+    _forward(BY_NAME["relative_position"], B=1, Hq=2, Hkv=2, L=32, S=32, E=16, Ev=16, dtype=dtype, block_size=16)
+
+
+def test_kernel_options_are_honoured():
+    q, k, v = (torch.randn(1, 1, 64, 16) for _ in range(3))
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    mask = create_block_mask(causal, 1, 1, 64, 64, device="cpu", BLOCK_SIZE=32)
+    options = {"BLOCK_M": 16, "BLOCK_N": 16, "PRESCALE_QK": True, "ROWS_GUARANTEED_SAFE": True}
+    compiled = torch.compile(flex_attention, fullgraph=True)
+    out, (code,) = run_and_get_code(compiled, q, k, v, block_mask=mask, kernel_options=options)
+    FileCheck().check("BLOCK_M : tl.constexpr = 16").check("PRESCALE_QK : tl.constexpr = True").run(code)
+    torch.testing.assert_close(out, flex_attention(q, k, v, block_mask=mask), atol=2e-5, rtol=2e-5)
+
+
+def test_generated_code_inlines_mods_and_has_full_block_loop():
+    slopes = torch.rand(2)
+
+    def alibi(score, b, h, q_idx, kv_idx):
+        return score + slopes[h] * (kv_idx - q_idx)
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    mask = create_block_mask(causal, 1, 1, 48, 48, device="cpu", BLOCK_SIZE=16)
+    q, k, v = (torch.randn(1, 2, 48, 16) for _ in range(3))
+    _, (code,) = run_and_get_code(torch.compile(flex_attention, fullgraph=True), q, k, v,
+                                  score_mod=alibi, block_mask=mask)
+    (
+        FileCheck()
+        .check("attend_block_list(")
+        .check("IS_FULL_BLOCK=False")
+        .check("IS_FULL_BLOCK=True")
+        .check("def modified_scores")
+        .check("tl.load")  # the captured slopes, read inside the inlined score_mod
+        .check("scores =")
+        .check("keep =")
+        .run(code)
+    )
+    FileCheck().check_not("inductor_flex_attention(").run(code)
