@@ -19,6 +19,7 @@ import torch
 
 from ._compat.dynamo import disable_cache_limit, is_dynamo_supported, mark_static
 from .block_mask import BlockMask, full_block_mask
+from .kernel_options import validate_kernel_options
 from .mods import MASK_MOD_ARITY, SCORE_MOD_ARITY, check_mod_arity, identity_score_mod
 from .ops import flex_attention_op
 
@@ -186,6 +187,7 @@ def flex_attention(
         raise TypeError(f"scale must be a Python float or None, got {type(scale).__name__}")
     if kernel_options is not None and not isinstance(kernel_options, dict):
         raise TypeError(f"kernel_options must be a dict or None, got {type(kernel_options).__name__}")
+    validate_kernel_options(kernel_options or {})
     if return_lse and return_aux is not None:
         raise ValueError("pass either return_lse=True or return_aux=AuxRequest(...), not both")
     if return_lse:

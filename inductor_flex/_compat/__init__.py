@@ -67,6 +67,8 @@ PRIVATE_SYMBOLS = {
         "freeze_irnodes",
         "select_algorithm",
         "zeros_and_scatter_lowering",
+        "inline_graph_module",
+        "select_decomp_table",
     ],
     "inductor_flex._compat.pytree": [
         "register_pytree_node",

@@ -52,3 +52,57 @@ __all__ += [
     "select_algorithm",
     "zeros_and_scatter_lowering",
 ]
+
+# ---------------------------------------------------------------- inlining an FX graph into V.graph
+
+from torch._inductor.decomposition import select_decomp_table
+
+
+def inline_graph_module(graph_module, args):
+    """Lower every node of ``graph_module`` into the graph Inductor is lowering now (``V.graph``),
+    placeholder ``i`` standing for ``args[i]`` (IR nodes, scalars or None); returns the value of
+    its output node with the same structure.
+
+    torch 2.13 has ``torch._inductor.lowering.process_subgraph_nodes`` for this; it is not known
+    to exist in torch 2.11 and it rejects ``get_attr`` nodes, so this is our own equivalent over
+    ``GraphLowering.run_node`` (present in both). Tensor constants the graph holds (``get_attr``)
+    become IR constants the way ``GraphLowering.get_attr`` makes them.
+    """
+    import torch
+
+    graph = V.graph
+    placeholders = iter(args)
+    output = None
+    for node in graph_module.graph.nodes:
+        if node.op == "placeholder":
+            graph.env[node] = next(placeholders)
+        elif node.op == "get_attr":
+            value = graph_module
+            for part in node.target.split("."):
+                value = getattr(value, part)
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"cannot inline get_attr {node.target!r} of type {type(value).__name__}")
+            if value.dim() == 0:
+                graph.env[node] = ir.Constant(value=value.item(), dtype=value.dtype, device=value.device)
+            else:
+                graph.env[node] = graph.add_tensor_constant(value.detach().clone(), node.target.replace(".", "_"))
+        elif node.op == "output":
+            output_args, _ = graph.fetch_args_kwargs_from_env(node)
+            output = output_args[0]
+        else:
+            graph.env[node] = graph.run_node(node)
+    return output
+
+
+__all__ += ["inline_graph_module", "select_decomp_table"]
+
+
+def concrete_sizes(exprs) -> list[int]:
+    """Example integer values for (possibly symbolic) sizes: `optimization_hints` in torch 2.13,
+    `size_hints` before."""
+    sizevars = V.graph.sizevars
+    hints = getattr(sizevars, "optimization_hints", None) or sizevars.size_hints
+    return [int(x) for x in hints(exprs)]
+
+
+__all__ += ["concrete_sizes"]

@@ -22,7 +22,7 @@ class ForwardConfig:
 
 # (arch, head_dim bucket, low precision?) -> default. sm90 = H100/H200, sm80 = A100.
 _DEFAULT_FORWARD = {
-    ("sm90", 64, True): ForwardConfig(128, 128, 8, 3),
+    ("sm90", 64, True): ForwardConfig(128, 128, 4, 3),
     ("sm90", 128, True): ForwardConfig(128, 64, 8, 3),
     ("sm90", 256, True): ForwardConfig(64, 32, 4, 3),
     ("sm90", 64, False): ForwardConfig(128, 32, 4, 3),
@@ -70,14 +70,31 @@ def fits_shared_memory(config: ForwardConfig, qk_dim: int, v_dim: int, itemsize:
     return (q_tile + kv_tiles) * itemsize <= _SHARED_MEMORY_BYTES.get(arch, _SHARED_MEMORY_BYTES["other"])
 
 
-def forward_configs(device, dtype, qk_dim_rounded: int, v_dim_rounded: int, autotune: bool) -> list[ForwardConfig]:
+def _lighter(config: ForwardConfig) -> ForwardConfig:
+    """A config needing about half the shared memory of ``config``."""
+    if config.num_stages > 2:
+        return ForwardConfig(config.block_m, config.block_n, config.num_warps, 2)
+    return ForwardConfig(config.block_m, max(16, config.block_n // 2), config.num_warps, config.num_stages)
+
+
+def forward_configs(device, dtype, qk_dim_rounded: int, v_dim_rounded: int, autotune: bool,
+                    mods_read_tensors: bool = False) -> list[ForwardConfig]:
     """The default config for this GPU/dtype/head dim, plus the autotuning candidates if asked;
-    configs that would not fit in shared memory are dropped before anything compiles."""
+    configs that would not fit in shared memory are dropped before anything compiles.
+
+    Mods that gather from captured tensors need layout-conversion scratch in shared memory that
+    no estimate sees in advance: then a lighter config is offered beside the default, and
+    Inductor keeps whichever compiles (and runs faster).
+    """
     arch = architecture(device)
     low_precision = dtype in (torch.float16, torch.bfloat16)
     bucket = _head_dim_bucket(max(qk_dim_rounded, v_dim_rounded))
     default = _DEFAULT_FORWARD.get((arch, bucket, low_precision), ForwardConfig(64, 32, 4, 2))
-    candidates = [default] + ([c for c in _AUTOTUNE_FORWARD if c != default] if autotune else [])
+    candidates = [default]
+    if mods_read_tensors and _lighter(default) != default:
+        candidates.append(_lighter(default))
+    if autotune:
+        candidates += [c for c in _AUTOTUNE_FORWARD if c not in candidates]
     itemsize = torch.empty((), dtype=dtype).element_size()
     fitting = [c for c in candidates if fits_shared_memory(c, qk_dim_rounded, v_dim_rounded, itemsize, arch)]
     if fitting:

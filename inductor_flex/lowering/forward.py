@@ -1,6 +1,20 @@
-"""Lowering of the forward operator: pick the fused template or the chunked decomposition."""
+"""Lowering of the forward operator: the fused template, or the chunked decomposition.
+
+The choice explains itself: ``template_refusals`` lists every reason the fused template cannot
+run. With ``BACKEND="TRITON"`` a refusal is an error carrying those reasons; with the default
+``"AUTO"`` the decomposition (compiled by Inductor, memory O(chunk × S)) runs instead and says
+so in a warning, once per reason: never a silent slow path.
+"""
+
+import warnings
+
+import torch
 
 from .._compat.inductor import inductor_config
+from ..kernel_options import options_for
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
 
 
 def runs_triton(device) -> bool:
@@ -8,14 +22,42 @@ def runs_triton(device) -> bool:
     return device.type != "cpu" or inductor_config.cpu_backend == "triton"
 
 
+def template_refusals(query, value) -> list[str]:
+    """Why the fused Triton forward template cannot run these inputs (empty: it can)."""
+    reasons = []
+    if not runs_triton(query.get_device()):
+        reasons.append(f"Inductor generates C++, not Triton, for {query.get_device().type} tensors")
+    if query.get_dtype() not in SUPPORTED_DTYPES:
+        reasons.append(f"dtype {query.get_dtype()} (the template runs float16, bfloat16 and float32)")
+    qk_dim, v_dim = query.get_size()[-1], value.get_size()[-1]
+    if qk_dim > MAX_HEAD_DIM or v_dim > MAX_HEAD_DIM:
+        reasons.append(f"head dims {qk_dim}/{v_dim} above {MAX_HEAD_DIM} (the tiles would not fit in shared memory)")
+    return reasons
+
+
+_warned = set()
+
+
 def lower_forward(query, key, value, score_graph, block_mask, scale, kernel_options,
                   score_mod_buffers, mask_mod_buffers):
-    if runs_triton(query.get_device()):
+    backend = options_for(kernel_options, "fwd").get("BACKEND", "AUTO")
+    reasons = template_refusals(query, value) if backend != "DECOMPOSED" else []
+    args = (query, key, value, score_graph, block_mask, scale, kernel_options, score_mod_buffers, mask_mod_buffers)
+    if backend != "DECOMPOSED" and not reasons:
         from .triton_forward import lower_forward_triton
 
-        return lower_forward_triton(query, key, value, score_graph, block_mask, scale, kernel_options,
-                                    score_mod_buffers, mask_mod_buffers)
+        return lower_forward_triton(*args)
+    if backend == "TRITON":
+        raise RuntimeError("inductor_flex: BACKEND='TRITON' cannot run here: " + "; ".join(reasons))
+    gpu_reasons = [r for r in reasons if "generates C++" not in r]
+    if gpu_reasons and tuple(gpu_reasons) not in _warned:
+        _warned.add(tuple(gpu_reasons))
+        warnings.warn(
+            "inductor_flex: the fused forward kernel cannot run (" + "; ".join(gpu_reasons) + "); using the "
+            "query-chunked decomposition compiled by Inductor instead, which is slower. Pass "
+            "kernel_options={'BACKEND': 'DECOMPOSED'} to choose it explicitly.",
+            stacklevel=2,
+        )
     from .decomposed import lower_forward_decomposed
 
-    return lower_forward_decomposed(query, key, value, score_graph, block_mask, scale, kernel_options,
-                                    score_mod_buffers, mask_mod_buffers)
+    return lower_forward_decomposed(*args)

@@ -19,6 +19,7 @@ from .._compat.inductor import (
     TritonTemplate,
     V,
     build_subgraph_buffer,
+    concrete_sizes,
     create_placeholder,
     empty_strided,
     freeze_irnodes,
@@ -108,19 +109,19 @@ def _block_list_inputs(reference_indices, device):
     """Autotuning benchmarks on made-up inputs: give block lists that are valid (every block
     listed, indices in range) and integer captured tensors that are safe indices (zeros)."""
     def num_blocks(node):
-        sizes = V.graph.sizevars.size_hints(node.get_size())
-        listed = V.graph.sizevars.size_hint(reference_indices.get_size()[-1])
+        sizes = concrete_sizes(node.get_size())
+        listed = concrete_sizes(reference_indices.get_size())[-1]
         return torch.full(sizes, listed, dtype=torch.int32, device=device)
 
     def indices(node):
-        sizes = V.graph.sizevars.size_hints(node.get_size())
+        sizes = concrete_sizes(node.get_size())
         return torch.arange(sizes[-1], dtype=torch.int32, device=device).expand(sizes).contiguous()
 
     return num_blocks, indices
 
 
 def _zeros_like_node(node):
-    sizes = V.graph.sizevars.size_hints(node.get_size())
+    sizes = concrete_sizes(node.get_size())
     return torch.zeros(sizes, dtype=node.get_dtype(), device=node.get_device())
 
 
@@ -175,8 +176,9 @@ def lower_forward_triton(query, key, value, score_graph, block_mask, scale, kern
     }
     q_span, kv_span = _span(q_len, sparse_q), _span(kv_len, sparse_kv)
 
+    captured = [b for b in (*score_mod_buffers, *mask_mod_buffers) if isinstance(b, ir.IRNode)]
     configs = forward_configs(device, query.get_dtype(), qk_rounded, v_rounded,
-                              autotune=bool(inductor_config.max_autotune))
+                              autotune=bool(inductor_config.max_autotune), mods_read_tensors=bool(captured))
     choices, errors = [], []
     for config in configs:
         block_m = options.get("BLOCK_M") or fit_tile(sparse_q, config.block_m, q_span)
@@ -202,7 +204,8 @@ def lower_forward_triton(query, key, value, score_graph, block_mask, scale, kern
             subgraphs=[score_ir, mask_ir],
             mutated_inputs=[lse, row_max],
             call_sizes=query.get_size(),
-            num_warps=options.get("num_warps", config.num_warps),
+            # A tile shrunk to fit a small sparse block needs fewer warps.
+            num_warps=options.get("num_warps", max(4, config.num_warps * block_m // config.block_m)),
             num_stages=options.get("num_stages", config.num_stages),
             **meta,
         )
@@ -211,7 +214,6 @@ def lower_forward_triton(query, key, value, score_graph, block_mask, scale, kern
     if not choices:
         raise RuntimeError("inductor_flex: no forward kernel configuration could be generated:\n" + "\n".join(errors))
 
-    captured = [b for b in (*score_mod_buffers, *mask_mod_buffers) if isinstance(b, ir.IRNode)]
     inputs = [query, key, value, lse, row_max, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices]
     num_blocks_gen, indices_gen = _block_list_inputs(kv_indices, device)
     input_gen_fns = {5: num_blocks_gen, 6: indices_gen, 7: num_blocks_gen, 8: indices_gen}

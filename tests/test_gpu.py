@@ -1,0 +1,58 @@
+"""GPU tier: the variant catalogue through our real kernels (run with `pytest -m gpu`)."""
+
+import pytest
+import torch
+
+import oracle
+from catalogue import BY_NAME, CATALOGUE
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("variant", CATALOGUE, ids=lambda v: v.name)
+def test_catalogue_forward(variant, dtype):
+    oracle.run_variant(variant, mode="inductor", device="cuda", dtype=dtype, backward=False,
+                       B=2, Hq=4, Hkv=2, L=300, S=300, E=64, Ev=64, block_size=128)
+
+
+@pytest.mark.parametrize("variant", CATALOGUE, ids=lambda v: v.name)
+def test_catalogue_forward_backward(variant):
+    oracle.run_variant(variant, mode="inductor", device="cuda", dtype=torch.bfloat16,
+                       B=2, Hq=4, Hkv=2, L=256, S=256, E=64, Ev=64, block_size=128)
+
+
+@pytest.mark.parametrize("E", [16, 64, 80, 128, 192], ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("L", [1, 17, 300, 1000, 4096], ids=lambda s: f"S{s}")
+def test_head_dims_and_lengths(E, L):
+    oracle.run_variant(BY_NAME["alibi"], mode="inductor", device="cuda", dtype=torch.bfloat16, backward=False,
+                       B=1, Hq=4, Hkv=2, L=L, S=L, E=E, Ev=E, block_size=128)
+
+
+@pytest.mark.parametrize("E,Ev", [(8, 8), (4, 4), (128, 64), (96, 192)], ids=str)
+def test_small_and_mixed_head_dims(E, Ev):
+    oracle.run_variant(BY_NAME["document"], mode="inductor", device="cuda", dtype=torch.float16, backward=False,
+                       B=1, Hq=2, Hkv=2, L=200, S=333, E=E, Ev=Ev, block_size=64)
+
+
+@pytest.mark.parametrize("block_size", [16, 24, 32, 48, 100, (64, 32), (128, 16)], ids=str)
+def test_any_block_size(block_size):
+    oracle.run_variant(BY_NAME["sliding_window"], mode="inductor", device="cuda", dtype=torch.bfloat16,
+                       backward=False, B=1, Hq=2, Hkv=1, L=1000, S=1000, E=64, Ev=64, block_size=block_size)
+
+
+def test_fully_masked_rows_have_no_nan():
+    from inductor_flex import AuxRequest, create_block_mask, flex_attention
+
+    def odd_rows_masked(b, h, q_idx, kv_idx):
+        return (q_idx % 2 == 0) & (kv_idx <= q_idx)
+
+    mask = create_block_mask(odd_rows_masked, None, None, 512, 512, device="cuda", BLOCK_SIZE=64)
+    q, k, v = (torch.randn(1, 2, 512, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    out, aux = torch.compile(flex_attention)(q, k, v, block_mask=mask, return_aux=AuxRequest(lse=True))
+    assert not out.isnan().any()
+    assert torch.all(out[:, :, 1::2] == 0)
+    assert torch.all(aux.lse[:, :, 1::2] == float("-inf"))
