@@ -30,6 +30,7 @@ from .._compat.inductor import (
 )
 from ..kernel_options import options_for
 from .configs import fit_tile, forward_configs
+from .fast_math import rewrite_for_speed
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 _INDEX_DTYPES = ', input_dtypes={"b": "index", "h": "index", "m": "index", "n": "index"}'
@@ -87,9 +88,18 @@ def float32_precision() -> str:
     return "'tf32'" if torch.backends.cuda.matmul.allow_tf32 else "'ieee'"
 
 
+class _Graph:
+    """Stands in for an ``ir.Subgraph``: all the subgraph builder reads is ``graph_module``."""
+
+    def __init__(self, graph_module):
+        self.graph_module = graph_module
+
+
 def lower_subgraphs(query, score_graph, mask_graph, score_mod_buffers, mask_mod_buffers):
     """score_mod and mask_mod as IR to inline (placeholders: score, b, h, m, n)."""
     device = query.get_device()
+    if query.get_dtype() in (torch.float16, torch.bfloat16):
+        score_graph = _Graph(rewrite_for_speed(score_graph.graph_module))
     index_inputs = [create_placeholder(name, torch.int32, device) for name in ("b", "h", "m", "n")]
     score_inputs = [create_placeholder("score", query.get_dtype(), device), *index_inputs]
     score_ir = build_subgraph_buffer(score_inputs + list(score_mod_buffers), score_graph)
