@@ -19,6 +19,7 @@ KNOWN_OPTIONS = {
     "PRESCALE_QK": ("bool", "scale q once instead of every score tile"),
     "ROWS_GUARANTEED_SAFE": ("bool", "promise every query row attends at least one key (skips a guard)"),
     "BLOCKS_ARE_CONTIGUOUS": ("bool", "promise each row's block list is first, first+1, ... (skips index loads)"),
+    "FAST_MATH": ("bool", "hardware tanh (tanh.approx) in fp16/bf16 score_mods: faster, ~5e-4 relative error there"),
     "DETERMINISTIC": ("bool", "backward: bit-identical gradients run to run"),
     "BACKEND": ("backend", "AUTO (default), TRITON (fused template, error if it cannot run) or DECOMPOSED"),
     "OUTPUT_LOGSUMEXP": ("bool", "accepted for torch compatibility; the lse is always produced"),

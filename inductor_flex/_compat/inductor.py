@@ -4,9 +4,9 @@ import inspect
 
 from torch._inductor import config as inductor_config
 from torch._inductor import ir
-from torch._inductor.lowering import empty_strided, register_lowering
+from torch._inductor.lowering import empty_strided, make_pointwise, register_lowering
 from torch._inductor.select_algorithm import TritonTemplate, autotune_select_algorithm, realize_inputs
-from torch._inductor.virtualized import V
+from torch._inductor.virtualized import V, ops
 
 __all__ = [
     "V",
@@ -105,4 +105,4 @@ def concrete_sizes(exprs) -> list[int]:
     return [int(x) for x in hints(exprs)]
 
 
-__all__ += ["concrete_sizes"]
+__all__ += ["concrete_sizes", "make_pointwise", "ops"]

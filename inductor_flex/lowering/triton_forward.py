@@ -95,11 +95,11 @@ class _Graph:
         self.graph_module = graph_module
 
 
-def lower_subgraphs(query, score_graph, mask_graph, score_mod_buffers, mask_mod_buffers):
+def lower_subgraphs(query, score_graph, mask_graph, score_mod_buffers, mask_mod_buffers, fast_math=False):
     """score_mod and mask_mod as IR to inline (placeholders: score, b, h, m, n)."""
     device = query.get_device()
     if query.get_dtype() in (torch.float16, torch.bfloat16):
-        score_graph = _Graph(rewrite_for_speed(score_graph.graph_module))
+        score_graph = _Graph(rewrite_for_speed(score_graph.graph_module, device, fast_math))
     index_inputs = [create_placeholder(name, torch.int32, device) for name in ("b", "h", "m", "n")]
     score_inputs = [create_placeholder("score", query.get_dtype(), device), *index_inputs]
     score_ir = build_subgraph_buffer(score_inputs + list(score_mod_buffers), score_graph)
@@ -142,7 +142,8 @@ def lower_forward_triton(query, key, value, score_graph, block_mask, scale, kern
     options = options_for(kernel_options, "fwd")
     device = query.get_device()
 
-    score_ir, mask_ir = lower_subgraphs(query, score_graph, mask_graph, score_mod_buffers, mask_mod_buffers)
+    score_ir, mask_ir = lower_subgraphs(query, score_graph, mask_graph, score_mod_buffers, mask_mod_buffers,
+                                        fast_math=options.get("FAST_MATH", False))
     query, key, value, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices = realize(
         [query, key, value, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices]
     )
