@@ -138,3 +138,28 @@ def test_graph_break_inside_score_mod_is_an_error():
         flex_attention(q, k, v, score_mod=chatty)
     with pytest.raises(Exception, match="must be traceable"):
         torch.compile(flex_attention)(q, k, v, score_mod=chatty)
+
+
+@pytest.mark.parametrize(
+    "options, error, fix",
+    [
+        ({"BLOCK_Q": 64}, ValueError, "unknown kernel option 'BLOCK_Q'"),
+        ({"BLOCK_M": 48}, ValueError, "power of two >= 16"),
+        ({"fwd_BLOCK_N": 8}, ValueError, "power of two >= 16"),
+        ({"num_warps": 3}, ValueError, "one of 1, 2, 4, 8, 16"),
+        ({"num_stages": 0}, ValueError, "int >= 1"),
+        ({"PRESCALE_QK": 1}, TypeError, "True or False"),
+        ({"BACKEND": "FLASH"}, ValueError, "not a backend of inductor_flex"),
+    ],
+    ids=["unknown", "block_m", "fwd_block_n", "warps", "stages", "bool", "backend"],
+)
+def test_bad_kernel_options(options, error, fix):
+    q, k, v = _qkv()
+    with pytest.raises(error, match=fix):
+        flex_attention(q, k, v, kernel_options=options)
+
+
+def test_forced_template_that_cannot_run_says_why():
+    q, k, v = _qkv(dtype=torch.float64)
+    with pytest.raises(Exception, match="BACKEND='TRITON' cannot run here.*float64"):
+        torch.compile(flex_attention, fullgraph=True)(q, k, v, kernel_options={"BACKEND": "TRITON"})

@@ -19,8 +19,11 @@ def test_catalogue_forward(variant, dtype):
                        B=2, Hq=4, Hkv=2, L=300, S=300, E=64, Ev=64, block_size=128)
 
 
-@pytest.mark.parametrize("variant", CATALOGUE, ids=lambda v: v.name)
+# The backward still runs the query-chunked decomposition on GPUs (the fused backward template
+# is the next milestone); a representative subset keeps the tier's compile time in bounds.
+@pytest.mark.parametrize("variant", ["causal", "alibi", "document", "learnable_bias"])
 def test_catalogue_forward_backward(variant):
+    variant = BY_NAME[variant]
     oracle.run_variant(variant, mode="inductor", device="cuda", dtype=torch.bfloat16,
                        B=2, Hq=4, Hkv=2, L=256, S=256, E=64, Ev=64, block_size=128)
 
@@ -56,3 +59,20 @@ def test_fully_masked_rows_have_no_nan():
     assert not out.isnan().any()
     assert torch.all(out[:, :, 1::2] == 0)
     assert torch.all(aux.lse[:, :, 1::2] == float("-inf"))
+
+
+def test_max_autotune_chooses_among_candidates_and_runs_our_template():
+    from torch._inductor.utils import run_and_get_code
+
+    from inductor_flex import create_block_mask, flex_attention
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    mask = create_block_mask(causal, None, None, 1024, 1024, device="cuda")
+    q, k, v = (torch.randn(2, 4, 1024, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    compiled = torch.compile(flex_attention, mode="max-autotune-no-cudagraphs", fullgraph=True)
+    out, codes = run_and_get_code(compiled, q, k, v, block_mask=mask)
+    assert any("attend_block_list" in code for code in codes)
+    reference = flex_attention(q.double(), k.double(), v.double(), block_mask=mask)
+    torch.testing.assert_close(out.double(), reference, atol=2e-2, rtol=2e-2)
