@@ -33,12 +33,11 @@ DEFAULT_DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # The one place that picks how flex_attention is compiled (--backend overrides it). Inductor
-# needs our own lowering of the operators on every device; the CPU one arrives with the
-# lowering issue. Until then "aot_eager" runs everything above the kernels (Dynamo capture,
-# AOT autograd, the joint graph of score_mod) with the dense reference as the kernel. Switch
-# "cpu" to "inductor" when the CPU lowering lands; until the CUDA one does, the CUDA default
-# fails every variant with "inductor_flex_attention is not an OpOverload".
-COMPILE_BACKEND = {"cpu": "aot_eager", "cuda": "inductor"}
+# on every device, through our lowerings (inductor_flex/lowering/): on CPU the query-chunked
+# decomposition compiled into C++ kernels, on CUDA the fused Triton forward template (the
+# backward is the decomposition on both for now). "aot_eager" (--backend aot_eager) still
+# runs everything above the kernels with the dense reference as the kernel.
+COMPILE_BACKEND = {"cpu": "inductor", "cuda": "inductor"}
 
 # Allowed error, in units of the dtype's epsilon, scaled by max(1, max |reference|) so that
 # large gradients (a slope's gradient sums over every position) are judged relatively.

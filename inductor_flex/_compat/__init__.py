@@ -69,6 +69,7 @@ PRIVATE_SYMBOLS = {
         "zeros_and_scatter_lowering",
         "inline_graph_module",
         "select_decomp_table",
+        "vmap_fallback_disabled",
     ],
     "inductor_flex._compat.pytree": [
         "register_pytree_node",

@@ -94,7 +94,29 @@ def inline_graph_module(graph_module, args):
     return output
 
 
-__all__ += ["inline_graph_module", "select_decomp_table"]
+import contextlib
+
+import torch as _torch
+
+
+@contextlib.contextmanager
+def vmap_fallback_disabled():
+    """Make vmap raise on an op without a batching rule instead of running it once per element
+    (which, while tracing, would unroll one node per grid point). No-op where torch lacks the
+    switch."""
+    functorch = getattr(_torch._C, "_functorch", None)
+    if not (hasattr(functorch, "_set_vmap_fallback_enabled") and hasattr(functorch, "_is_vmap_fallback_enabled")):
+        yield
+        return
+    previous = functorch._is_vmap_fallback_enabled()
+    functorch._set_vmap_fallback_enabled(False)
+    try:
+        yield
+    finally:
+        functorch._set_vmap_fallback_enabled(previous)
+
+
+__all__ += ["inline_graph_module", "select_decomp_table", "vmap_fallback_disabled"]
 
 
 def concrete_sizes(exprs) -> list[int]:

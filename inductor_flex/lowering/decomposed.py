@@ -19,26 +19,43 @@ How it works
    ``bmm``s become extern kernels and the score_mod / mask / softmax / joint-graph pointwise
    work and reductions are fused into generated C++ kernels. No eager call survives.
 
-Memory: a chunk holds a few ``[B, Hq, rows, S]`` tensors, never the full ``[B, H, L, S]``
-score matrix. The chunks are unrolled in the traced graph, so their number is bounded:
-``rows = max(ceil(CHUNK_ELEMENTS / (B·Hq·S)), ceil(L / MAX_CHUNKS))`` rows per chunk. A chunk
-therefore holds at most ``max(CHUNK_ELEMENTS, B·Hq·L·S / MAX_CHUNKS, B·Hq·S)`` scores (the
-second term only once ``L·S`` is large; each chunk is freed before the next begins).
+Memory: a chunk holds a few ``[B, Hq, rows, S]`` tensors (scores, probabilities; the backward
+also dP and dS), never the full ``[B, H, L, S]`` score matrix, and Inductor's buffer reuse gives
+each chunk the buffers of the one before. The chunks are unrolled in the traced graph, so their
+number is bounded: ``rows = max(CHUNK_ELEMENTS // (B·Hq·S), ceil(L / MAX_CHUNKS), 1)`` rows a
+chunk, so one chunk holds at most ``max(CHUNK_ELEMENTS, B·Hq·S·ceil(L / MAX_CHUNKS))`` scores:
+16 MiB of float32 until ``L·S`` outgrows ``MAX_CHUNKS·CHUNK_ELEMENTS / (B·Hq)``, then 1/16 of
+the full matrix. Each chunk compiles its own C++ kernels (the chunk's first row is a constant
+in them), so compile time grows with the number of chunks: about a second a kernel, one
+kernel a chunk forward and one backward (measured on 2 cores).
+
+Gradients of captured tensors: the joint graph returns them through
+``flex_lib.zeros_and_scatter``; under vmap that already sums over every position of the chunk.
+It is decomposed into a reduction over the grid axes the index does not depend on followed by
+an atomic scatter-add (``index_put(accumulate=True)``), and the chunks' results are added.
+Where the graph reads a buffer gradient the lowering returns an IR node (zeros if the joint
+graph has none), where it does not, None.
 
 Shapes: every size the decomposition needs is specialised with
 ``V.graph.sizevars.guard_int`` (the chunk ranges are Python ints in the traced graph), so
 under ``torch.compile(dynamic=True)`` the compiled graph is guarded on these sizes and a new
-size recompiles; data (block masks, captured tensors) stays dynamic.
+size recompiles; data (block masks, captured tensors) stays dynamic. Captured SymInts are
+specialised the same way.
+
+Mods are evaluated with vmap; an operation without a batching rule would make vmap unroll one
+call per grid point into the trace, so that raises NotImplementedError naming the operation.
 """
 
+import copy
 import functools
 import math
+import operator
 
 import sympy
 import torch
 
 from .._compat.hop import FakeTensorMode, TransformGetItemToIndex, detect_fake_mode, make_fx
-from .._compat.inductor import V, inline_graph_module, ir, select_decomp_table
+from .._compat.inductor import V, inline_graph_module, ir, select_decomp_table, vmap_fallback_disabled
 from ..mods import evaluate_mask_mod, evaluate_score_mod, vmap_over_bhqkv
 from ..reference import (
     FULL_KV_INDICES,
@@ -67,15 +84,17 @@ def _static(expr) -> int:
     return int(expr)
 
 
-def chunk_ranges(batch: int, heads: int, q_len: int, kv_len: int,
-                 chunk_elements: int = CHUNK_ELEMENTS, max_chunks: int = MAX_CHUNKS) -> list:
-    """[(start, stop), ...] query-row ranges: about ``chunk_elements`` scores a chunk, at most
-    ``max_chunks`` chunks."""
+def chunk_ranges(batch: int, heads: int, q_len: int, kv_len: int, chunk_elements: int | None = None,
+                 max_chunks: int | None = None) -> list:
+    """[(start, stop), ...] query-row ranges: about ``chunk_elements`` scores a chunk
+    (default ``CHUNK_ELEMENTS``), at most ``max_chunks`` chunks (default ``MAX_CHUNKS``); all
+    chunks the same size but the last."""
+    chunk_elements = CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
+    max_chunks = MAX_CHUNKS if max_chunks is None else max_chunks
     if q_len <= 0:
         return []
     rows = max(1, chunk_elements // max(1, batch * heads * kv_len))
-    rows = max(rows, -(-q_len // max_chunks))
-    rows = min(rows, q_len)
+    rows = min(max(rows, -(-q_len // max_chunks)), q_len)
     return [(lo, min(lo + rows, q_len)) for lo in range(0, q_len, rows)]
 
 
@@ -182,6 +201,12 @@ def _softmax_rows(scores):
     return probs, lse.squeeze(-1), row_max.squeeze(-1)
 
 
+def _returns_none(graph_module, index: int) -> bool:
+    """Is output ``index`` of the graph a constant None?"""
+    (outputs,) = [n.args[0] for n in graph_module.graph.nodes if n.op == "output"]
+    return outputs[index] is None
+
+
 def _cat(chunks):
     """The chunks' rows back in one tensor (dim 2); no copy for a single chunk."""
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
@@ -224,11 +249,14 @@ def _backward(p: _Problem, has_grad_out, has_grad_lse, query, key, value, *tenso
     sparse, score_mod_buffers, mask_mod_buffers = _split(p, tensors)
     s = _Setup(p, query, key, value, sparse, mask_mod_buffers)
     compute = s.compute
+    # The score's gradient is batched like the scores unless the joint graph returns None
+    # for it (score_mod ignores the score); buffer gradients come out summed (zeros_and_scatter).
+    score_grad_dim = None if _returns_none(p.joint_graph, 0) else 0
     joint = vmap_over_bhqkv(
         p.joint_graph,
         prefix=(0,),
         suffix=(0,) + (None,) * p.n_score_buffers,
-        out_dims=[0, None, None, None, None] + [None] * p.n_score_buffers,
+        out_dims=[score_grad_dim, None, None, None, None] + [None] * p.n_score_buffers,
     )
     grad_key = grad_value = None
     grad_queries = []
@@ -339,12 +367,37 @@ def _trace_and_inline(fn, ir_inputs):
     """Trace ``fn`` over fakes of ``ir_inputs`` into aten ops and lower them into V.graph."""
     mode = detect_fake_mode() or FakeTensorMode()
     fakes = [_fake_like(node, mode) for node in ir_inputs]
-    graph_module = make_fx(fn, decomposition_table=_decompositions(), tracing_mode="fake")(*fakes)
+    try:
+        with vmap_fallback_disabled():
+            graph_module = make_fx(fn, decomposition_table=_decompositions(), tracing_mode="fake")(*fakes)
+    except RuntimeError as error:
+        if "vmap fallback" not in str(error):
+            raise
+        raise NotImplementedError(
+            f"inductor_flex: a score_mod/mask_mod operation has no vmap batching rule ({error}); the "
+            "query-chunked decomposition evaluates the mods with vmap and cannot compile it. Rewrite "
+            "the mod with other operations."
+        ) from error
     return inline_graph_module(graph_module, ir_inputs)
 
 
 def _graph_module(subgraph):
-    return subgraph.graph_module if isinstance(subgraph, ir.Subgraph) else subgraph
+    """The mod's FX graph, made fit for vmap: ``prims.convert_element_type`` (which the graphs
+    hold after AOT decomposition) has no batching rule, and vmap's per-element fallback would
+    unroll one op per grid point into the trace; it becomes ``aten._to_copy``. A copy is
+    rewritten: the subgraph is shared with the rest of the graph."""
+    graph_module = subgraph.graph_module if isinstance(subgraph, ir.Subgraph) else subgraph
+    convert = torch.ops.prims.convert_element_type.default
+    if not any(n.op == "call_function" and n.target is convert for n in graph_module.graph.nodes):
+        return graph_module
+    graph = copy.deepcopy(graph_module.graph)
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is convert:
+            source, dtype = node.args
+            node.target = torch.ops.aten._to_copy.default
+            node.args = (source,)
+            node.kwargs = {"dtype": dtype}
+    return torch.fx.GraphModule(graph_module, graph)
 
 
 def _is_tensor(x):
@@ -389,8 +442,8 @@ def lower_backward_decomposed(query, key, value, out, lse, grad_out, grad_lse, s
                               block_mask, scale, kernel_options, score_mod_buffers, mask_mod_buffers):
     """IR ``(grad_query, grad_key, grad_value, buffer_grads)`` of the backward operator.
 
-    ``buffer_grads`` has one entry per score_mod buffer: an IR node for those the joint graph
-    differentiates (the ones that require grad), else None, as the fake implementation says.
+    ``buffer_grads`` has one entry per score_mod buffer: an IR node for each gradient the graph
+    reads (``node[3][i]``, zeros if the joint graph gives None for it), else None.
     """
     p = _problem(query, key, value, score_graph, block_mask, scale, score_mod_buffers, mask_mod_buffers)
     p.joint_graph = _graph_module(joint_graph)
@@ -406,8 +459,6 @@ def _expected_buffer_grads(n_score_buffers):
     """Which buffer gradients the graph reads (``node[3][i]``), from the users of the node being
     lowered; None when unknown. (The node's fake value is no guide: in the backward graph the
     buffers no longer require grad, so it says None for all of them.)"""
-    import operator
-
     node = V.graph.current_node
     if node is None:
         return None

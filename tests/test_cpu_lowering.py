@@ -1,0 +1,175 @@
+"""``torch.compile(flex_attention)`` with the default Inductor backend on CPU.
+
+Inductor generates C++ for CPU tensors, so both operators lower to the query-chunked
+decomposition (``inductor_flex/lowering/decomposed.py``): bmm extern kernels plus generated C++
+kernels fusing score_mod, mask and softmax. These tests check it against the float64 oracle
+(forward and backward, captured-tensor gradients included), that what runs is generated code
+and no eager fallback, and that no full [B, H, L, S] score matrix is ever allocated.
+"""
+
+import math
+import re
+import warnings
+
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+
+from catalogue import BY_NAME
+from oracle import run_variant
+
+import inductor_flex.lowering.decomposed as decomposed
+from inductor_flex import create_block_mask, flex_attention
+from inductor_flex.block_mask import full_block_mask
+from inductor_flex.reference import attention_reference
+
+
+def _buffer_sizes(code):
+    """The shapes of every buffer the generated wrapper allocates."""
+    return [tuple(int(s) for s in re.findall(r"\d+", shape))
+            for shape in re.findall(r"empty_strided_cpu\(\((.*?)\)", code)]
+
+
+@pytest.fixture(autouse=True)
+def uncached_compiles():
+    """Every compile runs our lowering: Inductor's FX-graph and AOT caches do not key on
+    out-of-tree lowering code, so a cache hit could replay a graph lowered by older code."""
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False), warnings.catch_warnings():
+        # float64 (and other inputs the GPU template refuses) are announced as a slower path.
+        warnings.filterwarnings("ignore", message="inductor_flex: the fused forward kernel cannot run")
+        yield
+
+
+# (variant, run_variant keyword arguments): each compiles once, forward and backward; together
+# they cover every mod kind of the catalogue's families, GQA, Lq != Lkv, S=1, S=17 and 300,
+# head dims 16 and 80, block sizes 16, 48 and (64, 32), float32, bfloat16 and float64.
+CASES = [
+    ("noop", dict(B=1, Hq=2, Hkv=2, L=17, S=1)),
+    ("causal", dict(L=67, S=45, block_size=(64, 32))),
+    ("alibi", dict(B=2, Hq=4, Hkv=2, L=67, S=67, E=80, Ev=80, block_size=48)),
+    ("softcap_document", dict(B=1, Hq=2, Hkv=1, L=300, S=300, dtype=torch.bfloat16)),
+    ("learnable_bias", dict(L=40, S=33, dtype=torch.float64)),
+]
+
+
+@pytest.mark.parametrize("name,kwargs", CASES, ids=[name for name, _ in CASES])
+def test_compiled_matches_oracle(name, kwargs):
+    run_variant(BY_NAME[name], mode="inductor", **kwargs)
+
+
+def test_several_chunks_ragged(monkeypatch):
+    """Small chunks: two per call, the last one shorter, the captured table's gradient
+    scattered per position and accumulated over the chunks; no buffer holds all the scores."""
+    B, H, L, S = 1, 2, 18, 25
+    monkeypatch.setattr(decomposed, "CHUNK_ELEMENTS", B * H * S * 12)  # 12 rows a chunk
+    assert decomposed.chunk_ranges(B, H, L, S) == [(0, 12), (12, 18)]
+    _, codes = run_and_get_code(
+        run_variant, BY_NAME["relative_position"], B=B, Hq=H, Hkv=H, L=L, S=S, mode="inductor"
+    )
+    assert len(codes) == 2
+    for code in codes:
+        assert max(math.prod(s) for s in _buffer_sizes(code)) < B * H * L * S
+
+
+def test_chunk_count_is_bounded():
+    ranges = decomposed.chunk_ranges(1, 1, 1 << 20, 1 << 20)
+    assert len(ranges) <= decomposed.MAX_CHUNKS
+    assert ranges[0] == (0, (1 << 20) // decomposed.MAX_CHUNKS) and ranges[-1][1] == 1 << 20
+    small = decomposed.chunk_ranges(2, 4, 300, 300)
+    assert small == [(0, 300)]
+    rows = decomposed.chunk_ranges(1, 1, 4096, 4096)
+    assert all(b - a == 1024 for a, b in rows) and len(rows) == 4
+    assert decomposed.chunk_ranges(1, 1, 0, 16) == []
+
+
+def test_generated_code_is_compiled_and_chunked():
+    """B=1, H=1, L=S=4096: generated C++ kernels and bmm extern calls, no operator fallback or
+    eager reference in the output code, and no buffer of 4096×4096 scores: four chunks of
+    1024 rows that reuse one buffer. (The backward's buffers: ``test_several_chunks_ragged``.)"""
+    B, H, L, D = 1, 1, 4096, 32
+    q, k, v = (torch.randn(B, H, L, D) for _ in range(3))
+    block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, B, H, L, L, device="cpu")
+    compiled = torch.compile(flex_attention, fullgraph=True)
+    out, (code,) = run_and_get_code(compiled, q, k, v, block_mask=block_mask)
+
+    assert "cpp_fused" in code and code.count("extern_kernels.bmm") == 8  # q·kᵀ and P·v, 4 chunks
+    assert "inductor_flex_attention(" not in code and "higher_order" not in code
+    assert "attention_reference" not in code and "fallback" not in code.lower()
+    assert "empty_strided_cpu((1, 1, 4096, 4096)" not in code
+    largest = max(math.prod(s) for s in _buffer_sizes(code))
+    assert largest == 1024 * 4096, f"largest buffer {largest} elements"
+
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    gold, _, _ = attention_reference(q64, k64, v64, lambda s, b, h, i, j: s, block_mask.as_tuple(),
+                                     1 / math.sqrt(D))
+    torch.testing.assert_close(out.double(), gold, atol=2e-5, rtol=1e-4)
+
+
+def test_dynamic_shapes_specialise_and_stay_correct():
+    """dynamic=True: the decomposition specialises the sizes it chunks by (guarded), so each new
+    length recompiles and is still exact."""
+    compiled = torch.compile(flex_attention, fullgraph=True, dynamic=True)
+    slopes = torch.rand(2, requires_grad=True)
+
+    def alibi(score, b, h, q_idx, kv_idx):
+        return score + slopes[h] * (kv_idx - q_idx)
+
+    for length in (24, 40):
+        q, k, v = (torch.randn(1, 2, length, 16, requires_grad=True) for _ in range(3))
+        out = compiled(q, k, v, score_mod=alibi)
+        grads = torch.autograd.grad(out.sum(), (q, k, v, slopes))
+        expected = flex_attention(q, k, v, score_mod=alibi)
+        expected_grads = torch.autograd.grad(expected.sum(), (q, k, v, slopes))
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        for got, want in zip(grads, expected_grads):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_broadcast_kv_batch_and_grad_lse():
+    """Keys/values of batch 1 broadcast over the query batch (their grads are summed over it),
+    with a loss reading the output and the lse."""
+    from inductor_flex import AuxRequest
+
+    q = torch.randn(3, 2, 20, 16, requires_grad=True)
+    k = torch.randn(1, 2, 20, 16, requires_grad=True)
+    v = torch.randn(1, 2, 20, 16, requires_grad=True)
+    out, aux = torch.compile(flex_attention, fullgraph=True)(q, k, v, return_aux=AuxRequest(lse=True))
+    (out.sum() + aux.lse.sum()).backward()
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    gold, gold_lse, _ = attention_reference(q64, k64.expand(3, -1, -1, -1), v64.expand(3, -1, -1, -1),
+                                            lambda s, b, h, i, j: s, full_block_mask(20, 20, "cpu").as_tuple(),
+                                            1 / math.sqrt(16))
+    (gold.sum() + gold_lse.sum()).backward()
+    torch.testing.assert_close(out.double(), gold, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(aux.lse.double(), gold_lse, atol=1e-5, rtol=1e-5)
+    for ours, want in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        torch.testing.assert_close(ours.double(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_lse_only_loss_and_score_mod_ignoring_the_score():
+    """No gradient reaches the output (only the lse is used) and score_mod ignores the score
+    (the joint graph gives no score gradient): q and k get zeros, v nothing, the captured
+    tensor its gradient. Gold: the float64 reference differentiated by plain autograd."""
+    from inductor_flex import AuxRequest
+
+    def build(bias):
+        def replace(score, b, h, q_idx, kv_idx):
+            return bias[h] * (kv_idx - q_idx) * 0.1
+        return replace
+
+    bias = torch.randn(2, requires_grad=True)
+    q, k, v = (torch.randn(1, 2, 24, 16, requires_grad=True) for _ in range(3))
+    _, aux = torch.compile(flex_attention, fullgraph=True)(q, k, v, score_mod=build(bias),
+                                                           return_aux=AuxRequest(lse=True))
+    d_q, d_k, d_v, d_bias = torch.autograd.grad(aux.lse.sum(), (q, k, v, bias), allow_unused=True)
+
+    bias64 = bias.detach().double().requires_grad_()
+    q64, k64, v64 = (t.detach().double() for t in (q, k, v))
+    _, gold_lse, _ = attention_reference(q64, k64, v64, build(bias64), full_block_mask(24, 24, "cpu").as_tuple(),
+                                         1 / math.sqrt(16))
+    (gold_d_bias,) = torch.autograd.grad(gold_lse.sum(), bias64)
+    torch.testing.assert_close(aux.lse.double(), gold_lse, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(d_bias.double(), gold_d_bias, atol=1e-4, rtol=1e-4)
+    for grad in (d_q, d_k, d_v):
+        assert grad is None or not grad.abs().any()
