@@ -47,7 +47,6 @@ def uncached_compiles():
 CASES = [
     ("noop", dict(B=1, Hq=2, Hkv=2, L=17, S=1)),
     ("causal", dict(L=67, S=45, block_size=(64, 32))),
-    ("alibi", dict(B=2, Hq=4, Hkv=2, L=67, S=67, E=80, Ev=80, block_size=48)),
     ("softcap_document", dict(B=1, Hq=2, Hkv=1, L=300, S=300, dtype=torch.bfloat16)),
     ("learnable_bias", dict(L=40, S=33, dtype=torch.float64)),
 ]
@@ -58,18 +57,19 @@ def test_compiled_matches_oracle(name, kwargs):
     run_variant(BY_NAME[name], mode="inductor", **kwargs)
 
 
-def test_several_chunks_ragged(monkeypatch):
-    """Small chunks: two per call, the last one shorter, the captured table's gradient
-    scattered per position and accumulated over the chunks; no buffer holds all the scores."""
-    B, H, L, S = 1, 2, 18, 25
-    monkeypatch.setattr(decomposed, "CHUNK_ELEMENTS", B * H * S * 12)  # 12 rows a chunk
-    assert decomposed.chunk_ranges(B, H, L, S) == [(0, 12), (12, 18)]
-    _, codes = run_and_get_code(
-        run_variant, BY_NAME["relative_position"], B=B, Hq=H, Hkv=H, L=L, S=S, mode="inductor"
-    )
-    assert len(codes) == 2
+def test_several_chunks_gqa_alibi(monkeypatch):
+    """Chunks forced small: two per call, the second shorter; GQA, Lq != Lkv, head dim 80,
+    block size 48; the slopes' gradient (summed per head) accumulated over the chunks. In
+    neither graph does a buffer of scores ([..., S] last) hold more than one chunk's rows."""
+    B, Hq, L, S = 2, 4, 67, 61
+    monkeypatch.setattr(decomposed, "CHUNK_ELEMENTS", B * Hq * S * 40)  # 40 rows a chunk
+    assert decomposed.chunk_ranges(B, Hq, L, S) == [(0, 40), (40, 67)]
+    _, codes = run_and_get_code(run_variant, BY_NAME["alibi"], B=B, Hq=Hq, Hkv=2, L=L, S=S, E=80, Ev=80,
+                                block_size=48, mode="inductor")
+    assert len(codes) == 2  # forward and backward
     for code in codes:
-        assert max(math.prod(s) for s in _buffer_sizes(code)) < B * H * L * S
+        score_buffers = [shape for shape in _buffer_sizes(code) if shape[-1] == S]
+        assert score_buffers and max(math.prod(shape) for shape in score_buffers) == B * Hq * 40 * S
 
 
 def test_chunk_count_is_bounded():
@@ -108,22 +108,23 @@ def test_generated_code_is_compiled_and_chunked():
 
 def test_dynamic_shapes_specialise_and_stay_correct():
     """dynamic=True: the decomposition specialises the sizes it chunks by (guarded), so each new
-    length recompiles and is still exact."""
+    length recompiles (here forward and backward, then a forward-only call) and is exact."""
     compiled = torch.compile(flex_attention, fullgraph=True, dynamic=True)
     slopes = torch.rand(2, requires_grad=True)
 
     def alibi(score, b, h, q_idx, kv_idx):
         return score + slopes[h] * (kv_idx - q_idx)
 
-    for length in (24, 40):
-        q, k, v = (torch.randn(1, 2, length, 16, requires_grad=True) for _ in range(3))
+    for length, backward in ((24, True), (40, False)):
+        q, k, v = (torch.randn(1, 2, length, 16, requires_grad=backward) for _ in range(3))
         out = compiled(q, k, v, score_mod=alibi)
-        grads = torch.autograd.grad(out.sum(), (q, k, v, slopes))
         expected = flex_attention(q, k, v, score_mod=alibi)
-        expected_grads = torch.autograd.grad(expected.sum(), (q, k, v, slopes))
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-        for got, want in zip(grads, expected_grads):
-            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        if backward:
+            grads = torch.autograd.grad(out.sum(), (q, k, v, slopes))
+            expected_grads = torch.autograd.grad(expected.sum(), (q, k, v, slopes))
+            for got, want in zip(grads, expected_grads):
+                torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_broadcast_kv_batch_and_grad_lse():
@@ -135,7 +136,9 @@ def test_broadcast_kv_batch_and_grad_lse():
     k = torch.randn(1, 2, 20, 16, requires_grad=True)
     v = torch.randn(1, 2, 20, 16, requires_grad=True)
     out, aux = torch.compile(flex_attention, fullgraph=True)(q, k, v, return_aux=AuxRequest(lse=True))
+    assert out.is_contiguous() and aux.lse.is_contiguous() and aux.lse.dtype == torch.float32
     (out.sum() + aux.lse.sum()).backward()
+    assert k.grad.shape == k.shape and k.grad.is_contiguous() and v.grad.shape == v.shape
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     gold, gold_lse, _ = attention_reference(q64, k64.expand(3, -1, -1, -1), v64.expand(3, -1, -1, -1),
                                             lambda s, b, h, i, j: s, full_block_mask(20, 20, "cpu").as_tuple(),
@@ -173,3 +176,32 @@ def test_lse_only_loss_and_score_mod_ignoring_the_score():
     torch.testing.assert_close(d_bias.double(), gold_d_bias, atol=1e-4, rtol=1e-4)
     for grad in (d_q, d_k, d_v):
         assert grad is None or not grad.abs().any()
+
+
+def test_captured_tensor_read_whole():
+    """A captured tensor read whole (not indexed by b/h/q_idx/kv_idx) gets the sum of its
+    per-position gradients; one read both whole and indexed is refused with the reason."""
+    def build(w, t):
+        return lambda score, b, h, q_idx, kv_idx: score * w + (t * t).sum() * score * 0.1
+
+    w, t = torch.tensor(0.7, requires_grad=True), torch.randn(4, requires_grad=True)
+    q, k, v = (torch.randn(1, 2, 24, 16, requires_grad=True) for _ in range(3))
+    compiled = torch.compile(flex_attention, fullgraph=True)
+    out = compiled(q, k, v, score_mod=build(w, t))
+    got = torch.autograd.grad(out.sum(), (q, w, t))
+
+    q64, k64, v64, w64, t64 = (x.detach().double().requires_grad_() for x in (q, k, v, w, t))
+    gold, _, _ = attention_reference(q64, k64, v64, build(w64, t64), full_block_mask(24, 24, "cpu").as_tuple(),
+                                     1 / math.sqrt(16))
+    want = torch.autograd.grad(gold.sum(), (q64, w64, t64))
+    torch.testing.assert_close(out.double(), gold, atol=1e-5, rtol=1e-5)
+    for g, g64 in zip(got, want):
+        torch.testing.assert_close(g.double(), g64, atol=1e-4, rtol=1e-4)
+
+    def mixed(score, b, h, q_idx, kv_idx):
+        return score + t.sum() + t[h] * q_idx
+
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="both indexed"):
+        out = compiled(q, k, v, score_mod=mixed)
+        torch.autograd.grad(out.sum(), t)

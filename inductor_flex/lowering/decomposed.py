@@ -32,7 +32,9 @@ kernel a chunk forward and one backward (measured on 2 cores).
 Gradients of captured tensors: the joint graph returns them through
 ``flex_lib.zeros_and_scatter``; under vmap that already sums over every position of the chunk.
 It is decomposed into a reduction over the grid axes the index does not depend on followed by
-an atomic scatter-add (``index_put(accumulate=True)``), and the chunks' results are added.
+an atomic scatter-add (``index_put(accumulate=True)``), and the chunks' results are added. A
+captured tensor read whole (``score * w``) gets one gradient per position from the vmapped joint
+graph, summed here; one read both whole and indexed is refused (NotImplementedError).
 Where the graph reads a buffer gradient the lowering returns an IR node (zeros if the joint
 graph has none), where it does not, None.
 
@@ -201,10 +203,42 @@ def _softmax_rows(scores):
     return probs, lse.squeeze(-1), row_max.squeeze(-1)
 
 
-def _returns_none(graph_module, index: int) -> bool:
-    """Is output ``index`` of the graph a constant None?"""
-    (outputs,) = [n.args[0] for n in graph_module.graph.nodes if n.op == "output"]
-    return outputs[index] is None
+def _batched_outputs(graph_module, n_grid_inputs: int) -> list:
+    """For each output of the graph: does it depend on one of the first ``n_grid_inputs``
+    placeholders (the per-position inputs vmapped over the grid) other than through
+    ``flex_lib.zeros_and_scatter``, whose vmap rule returns a result already summed over the
+    grid? An output that mixes both kinds (a captured tensor read both indexed and whole)
+    cannot be summed correctly and raises NotImplementedError."""
+    scatter = torch.ops.flex_lib.zeros_and_scatter.default
+    batched, scattered = set(), set()
+    placeholders = 0
+    outputs = ()
+    for node in graph_module.graph.nodes:
+        if node.op == "placeholder":
+            if placeholders < n_grid_inputs:
+                batched.add(node)
+            placeholders += 1
+        elif node.op == "call_function":
+            if node.target is scatter:
+                scattered.add(node)
+                continue
+            if any(n in batched for n in node.all_input_nodes):
+                batched.add(node)
+            if any(n in scattered for n in node.all_input_nodes):
+                scattered.add(node)
+        elif node.op == "output":
+            outputs = node.args[0]
+    result = []
+    for i, out in enumerate(outputs):
+        is_batched = isinstance(out, torch.fx.Node) and out in batched
+        if is_batched and out in scattered:
+            raise NotImplementedError(
+                f"inductor_flex: score_mod reads captured tensor #{i - 5} both indexed by b/h/q_idx/kv_idx "
+                "and as a whole; the gradient of such a tensor is not supported: read it one way only "
+                "(e.g. `w[0]` for a scalar)."
+            )
+        result.append(is_batched)
+    return result
 
 
 def _cat(chunks):
@@ -249,14 +283,15 @@ def _backward(p: _Problem, has_grad_out, has_grad_lse, query, key, value, *tenso
     sparse, score_mod_buffers, mask_mod_buffers = _split(p, tensors)
     s = _Setup(p, query, key, value, sparse, mask_mod_buffers)
     compute = s.compute
-    # The score's gradient is batched like the scores unless the joint graph returns None
-    # for it (score_mod ignores the score); buffer gradients come out summed (zeros_and_scatter).
-    score_grad_dim = None if _returns_none(p.joint_graph, 0) else 0
+    # An output of the joint graph is batched over the grid (out_dim 0) when it depends on a
+    # grid input other than through zeros_and_scatter (which sums over the grid itself): the
+    # score's gradient, or that of a captured tensor read without indexing, summed below.
+    batched = _batched_outputs(p.joint_graph, n_grid_inputs=6)
     joint = vmap_over_bhqkv(
         p.joint_graph,
         prefix=(0,),
         suffix=(0,) + (None,) * p.n_score_buffers,
-        out_dims=[score_grad_dim, None, None, None, None] + [None] * p.n_score_buffers,
+        out_dims=[0 if b else None for b in batched],
     )
     grad_key = grad_value = None
     grad_queries = []
@@ -289,6 +324,8 @@ def _backward(p: _Problem, has_grad_out, has_grad_lse, query, key, value, *tenso
             )
         for i, g in enumerate(chunk_buffer_grads):
             if g is not None:
+                if batched[5 + i]:  # one gradient per grid position: sum them
+                    g = g.sum(dim=(0, 1, 2, 3), dtype=torch.promote_types(g.dtype, torch.float32))
                 buffer_grads[i] = g if buffer_grads[i] is None else buffer_grads[i] + g
         if d_raw is None:  # score_mod ignores the score: q and k get no gradient through it
             d_raw = torch.zeros_like(raw)
