@@ -174,9 +174,12 @@ def flex_attention(
         ``(out, lse)`` when ``return_lse=True``.
     """
     _validate_tensors(query, key, value, enable_gqa)
+    # Under Dynamo the mods' signatures cannot be inspected; a wrong arity fails its capture.
+    checking_arity = not torch.compiler.is_dynamo_compiling()
     if score_mod is None:
         score_mod = identity_score_mod
-    check_mod_arity(score_mod, SCORE_MOD_ARITY, "score_mod")
+    if checking_arity:
+        check_mod_arity(score_mod, SCORE_MOD_ARITY, "score_mod")
     if kernel_options is not None and not isinstance(kernel_options, dict):
         raise TypeError(f"kernel_options must be a dict or None, got {type(kernel_options).__name__}")
     validate_kernel_options(kernel_options or {})
@@ -186,7 +189,8 @@ def flex_attention(
         # We built it: every row lists blocks 0, 1, 2, ... so kernels need not load the list.
         options.setdefault("BLOCKS_ARE_CONTIGUOUS", True)
     _validate_block_mask(block_mask, query, key)
-    check_mod_arity(block_mask.mask_mod, MASK_MOD_ARITY, "mask_mod")
+    if checking_arity:
+        check_mod_arity(block_mask.mask_mod, MASK_MOD_ARITY, "mask_mod")
     if scale is None:
         scale = 1.0 / math.sqrt(query.size(-1))
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):

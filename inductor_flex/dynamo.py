@@ -29,6 +29,7 @@ from ._compat.dynamo import (
 )
 from ._compat.hop import TransformGetItemToIndex
 from .lowering import register_lowerings
+from .source_version import with_source_version
 
 _GRAPH_BREAK_FIX = (
     "{role} must be traceable by torch.compile as a pure tensor function of its arguments: no "
@@ -96,7 +97,8 @@ class FlexAttentionVariable(TorchHigherOrderOperatorVariable):
             [query, key, value, sparse_fields, scale, kernel_options], {}
         )
         node_args = (
-            query_p, key_p, value_p, score_node, tuple(sparse_p) + (mask_node,), scale_p, options_p,
+            query_p, key_p, value_p, score_node, tuple(sparse_p) + (mask_node,), scale_p,
+            with_source_version(options_p),
             score_buffers, mask_buffers,
         )
         with set_original_aten_op(self.value):

@@ -98,3 +98,41 @@ def check_mod_arity(fn: Callable, expected: int, role: str) -> None:
             f"{role} takes {arity} positional arguments but must take {expected}: "
             f"define it as `{signature}`."
         )
+
+
+def joint_outputs_per_position(graph_module, n_grid_inputs: int) -> list:
+    """For each output of the graph: does it depend on one of the first ``n_grid_inputs``
+    placeholders (the per-position inputs vmapped over the grid) other than through
+    ``flex_lib.zeros_and_scatter``, whose vmap rule returns a result already summed over the
+    grid? An output that mixes both kinds (a captured tensor read both indexed and whole)
+    cannot be summed correctly and raises NotImplementedError."""
+    scatter = torch.ops.flex_lib.zeros_and_scatter.default
+    batched, scattered = set(), set()
+    placeholders = 0
+    outputs = ()
+    for node in graph_module.graph.nodes:
+        if node.op == "placeholder":
+            if placeholders < n_grid_inputs:
+                batched.add(node)
+            placeholders += 1
+        elif node.op == "call_function":
+            if node.target is scatter:
+                scattered.add(node)
+                continue
+            if any(n in batched for n in node.all_input_nodes):
+                batched.add(node)
+            if any(n in scattered for n in node.all_input_nodes):
+                scattered.add(node)
+        elif node.op == "output":
+            outputs = node.args[0]
+    result = []
+    for i, out in enumerate(outputs):
+        is_batched = isinstance(out, torch.fx.Node) and out in batched
+        if is_batched and out in scattered:
+            raise NotImplementedError(
+                f"inductor_flex: score_mod reads captured tensor #{i - 5} both indexed by b/h/q_idx/kv_idx "
+                "and as a whole; the gradient of such a tensor is not supported: read it one way only "
+                "(e.g. `w[0]` for a scalar)."
+            )
+        result.append(is_batched)
+    return result

@@ -40,6 +40,7 @@ from ._compat.pytree import tree_map
 from .dynamo import register_dynamo_variable
 from .lowering import register_lowerings
 from .mods import index_examples
+from .source_version import with_source_version
 from .reference import MASK_MOD, attention_backward_reference, attention_reference, working_dtype
 
 FORWARD_OP_NAME = "inductor_flex_attention"
@@ -133,7 +134,8 @@ def _forward_proxy(mode, query, key, value, score_mod, block_mask, scale, kernel
     _register_submodule(mode, "inductor_flex_score", score_graph)
     _register_submodule(mode, "inductor_flex_mask", mask_graph)
     block_mask = block_mask[:MASK_MOD] + (mask_graph,)
-    args = (query, key, value, score_graph, block_mask, scale, kernel_options, score_mod_buffers, mask_mod_buffers)
+    args = (query, key, value, score_graph, block_mask, scale, with_source_version(kernel_options),
+            score_mod_buffers, mask_mod_buffers)
     return _record(mode, flex_attention_op, example_out, args)
 
 
@@ -200,7 +202,7 @@ def _backward_proxy(mode, query, key, value, out, lse, grad_out, grad_lse, score
     _register_submodule(mode, "inductor_flex_mask", mask_graph)
     block_mask = block_mask[:MASK_MOD] + (mask_graph,)
     args = (query, key, value, out, lse, grad_out, grad_lse, score_graph, joint_graph, block_mask, scale,
-            kernel_options, score_mod_buffers, mask_mod_buffers)
+            with_source_version(kernel_options), score_mod_buffers, mask_mod_buffers)
     return _record(mode, flex_attention_backward_op, example_out, args)
 
 

@@ -16,7 +16,7 @@ import math
 import torch
 
 from ._compat.hop import TransformGetItemToIndex
-from .mods import evaluate_mask_mod, evaluate_score_mod, vmap_over_bhqkv
+from .mods import evaluate_mask_mod, evaluate_score_mod, joint_outputs_per_position, vmap_over_bhqkv
 
 # Largest number of score elements one chunk may hold (≈ 32 MiB in float64).
 CHUNK_ELEMENTS = 1 << 22
@@ -180,13 +180,14 @@ def attention_backward_reference(
     grad_value = torch.zeros(batch, *value_kv.shape[1:], dtype=compute, device=value.device)
     grad_query = torch.empty(query.shape, dtype=compute, device=query.device)
     buffer_grads = [None] * len(score_mod_buffers)
+    per_position = joint_outputs_per_position(joint_graph, n_grid_inputs=6)
     joint = vmap_over_bhqkv(
         joint_graph,
         prefix=(0,),
         suffix=(0,) + (None,) * len(score_mod_buffers),
-        out_dims=[0, None, None, None, None] + [None] * len(score_mod_buffers),
+        out_dims=[0 if p else None for p in per_position],
     )
-    buffers64 = [b.double() if b.is_floating_point() else b for b in score_mod_buffers]
+    buffers64 = [b.double() if isinstance(b, torch.Tensor) and b.is_floating_point() else b for b in score_mod_buffers]
     for start, stop in chunks.ranges:
         q_idx = torch.arange(start, stop, device=query.device)
         raw = chunks.raw_scores(query, key_kv, start, stop) * scale
@@ -223,6 +224,8 @@ def attention_backward_reference(
         grad_key += (chunks.grouped(d_raw).transpose(-1, -2) @ q_rows).sum(2, keepdim=True)
         for i, g in enumerate(chunk_buffer_grads):
             if g is not None:
+                if per_position[5 + i]:  # a tensor read whole: one gradient per position, summed
+                    g = g.sum(dim=(0, 1, 2, 3))
                 buffer_grads[i] = g if buffer_grads[i] is None else buffer_grads[i] + g
 
     grad_key, grad_value = grad_key.squeeze(2), grad_value.squeeze(2)

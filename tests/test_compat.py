@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from inductor_flex._compat import PRIVATE_SYMBOLS
+from inductor_flex._compat import COMPAT_MODULES
 
 PACKAGE = Path(__file__).resolve().parent.parent / "inductor_flex"
 
 
-@pytest.mark.parametrize("module", sorted(PRIVATE_SYMBOLS))
+@pytest.mark.parametrize("module", COMPAT_MODULES)
 def test_private_symbols_import(module):
     imported = importlib.import_module(module)
-    missing = [name for name in PRIVATE_SYMBOLS[module] if not hasattr(imported, name)]
+    missing = [name for name in imported.__all__ if not hasattr(imported, name)]
     assert not missing, f"{module} lacks {missing}"
 
 

@@ -61,3 +61,32 @@ def test_broadcast_kv_batch():
     torch.testing.assert_close(out.double(), gold, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(k.grad.double(), k64.grad, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(v.grad.double(), v64.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["eager", "aot_eager"])
+def test_score_mod_reading_a_tensor_whole_or_ignoring_the_score(mode):
+    """Gradients for a captured scalar read whole (score * w) and for a score_mod that ignores
+    the score (only a bias per key): both are summed over every position."""
+    import math
+
+    from inductor_flex import flex_attention
+    from inductor_flex.block_mask import full_block_mask
+    from inductor_flex.reference import attention_reference
+    from oracle import MODES
+
+    weight = torch.tensor(0.7, requires_grad=True)
+    bias = torch.randn(24, requires_grad=True)
+    q, k, v = (torch.randn(1, 2, 24, 8, requires_grad=True) for _ in range(3))
+    cases = [
+        (lambda s, b, h, i, j: s * weight, weight, lambda leaf: (lambda s, b, h, i, j: s * leaf)),
+        (lambda s, b, h, i, j: bias[j], bias, lambda leaf: (lambda s, b, h, i, j: leaf[j])),
+    ]
+    for score_mod, leaf, gold_mod in cases:
+        MODES[mode](q, k, v, score_mod=score_mod).sum().backward()
+        leaf64 = leaf.detach().double().requires_grad_()
+        q64, k64, v64 = (t.detach().double() for t in (q, k, v))
+        gold, _, _ = attention_reference(q64, k64, v64, gold_mod(leaf64), full_block_mask(24, 24, "cpu").as_tuple(),
+                                         1 / math.sqrt(8))
+        gold.sum().backward()
+        torch.testing.assert_close(leaf.grad.double(), leaf64.grad, atol=1e-4, rtol=1e-4)
+        leaf.grad = None

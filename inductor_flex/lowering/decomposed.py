@@ -58,7 +58,7 @@ import torch
 
 from .._compat.hop import FakeTensorMode, TransformGetItemToIndex, detect_fake_mode, make_fx
 from .._compat.inductor import V, inline_graph_module, ir, select_decomp_table, vmap_fallback_disabled
-from ..mods import evaluate_mask_mod, evaluate_score_mod, vmap_over_bhqkv
+from ..mods import evaluate_mask_mod, evaluate_score_mod, joint_outputs_per_position, vmap_over_bhqkv
 from ..reference import (
     FULL_KV_INDICES,
     FULL_KV_NUM_BLOCKS,
@@ -203,44 +203,6 @@ def _softmax_rows(scores):
     return probs, lse.squeeze(-1), row_max.squeeze(-1)
 
 
-def _batched_outputs(graph_module, n_grid_inputs: int) -> list:
-    """For each output of the graph: does it depend on one of the first ``n_grid_inputs``
-    placeholders (the per-position inputs vmapped over the grid) other than through
-    ``flex_lib.zeros_and_scatter``, whose vmap rule returns a result already summed over the
-    grid? An output that mixes both kinds (a captured tensor read both indexed and whole)
-    cannot be summed correctly and raises NotImplementedError."""
-    scatter = torch.ops.flex_lib.zeros_and_scatter.default
-    batched, scattered = set(), set()
-    placeholders = 0
-    outputs = ()
-    for node in graph_module.graph.nodes:
-        if node.op == "placeholder":
-            if placeholders < n_grid_inputs:
-                batched.add(node)
-            placeholders += 1
-        elif node.op == "call_function":
-            if node.target is scatter:
-                scattered.add(node)
-                continue
-            if any(n in batched for n in node.all_input_nodes):
-                batched.add(node)
-            if any(n in scattered for n in node.all_input_nodes):
-                scattered.add(node)
-        elif node.op == "output":
-            outputs = node.args[0]
-    result = []
-    for i, out in enumerate(outputs):
-        is_batched = isinstance(out, torch.fx.Node) and out in batched
-        if is_batched and out in scattered:
-            raise NotImplementedError(
-                f"inductor_flex: score_mod reads captured tensor #{i - 5} both indexed by b/h/q_idx/kv_idx "
-                "and as a whole; the gradient of such a tensor is not supported: read it one way only "
-                "(e.g. `w[0]` for a scalar)."
-            )
-        result.append(is_batched)
-    return result
-
-
 def _cat(chunks):
     """The chunks' rows back in one tensor (dim 2); no copy for a single chunk."""
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
@@ -286,7 +248,7 @@ def _backward(p: _Problem, has_grad_out, has_grad_lse, query, key, value, *tenso
     # An output of the joint graph is batched over the grid (out_dim 0) when it depends on a
     # grid input other than through zeros_and_scatter (which sums over the grid itself): the
     # score's gradient, or that of a captured tensor read without indexing, summed below.
-    batched = _batched_outputs(p.joint_graph, n_grid_inputs=6)
+    batched = joint_outputs_per_position(p.joint_graph, n_grid_inputs=6)
     joint = vmap_over_bhqkv(
         p.joint_graph,
         prefix=(0,),

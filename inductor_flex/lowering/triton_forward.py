@@ -6,7 +6,6 @@ hooks, with the tensors they captured passed as extra kernel inputs.
 """
 
 import functools
-import hashlib
 from pathlib import Path
 
 import sympy
@@ -41,16 +40,6 @@ def template_source(*names: str) -> str:
     """The template files concatenated, with the torch-version-dependent hook arguments filled."""
     source = "".join((TEMPLATES / f"{name}.py.jinja").read_text() for name in names)
     return source.replace("__INDEX_DTYPES__", _INDEX_DTYPES if MODIFICATION_TAKES_INPUT_DTYPES else "")
-
-
-@functools.cache
-def source_version() -> str:
-    """Hash of our template and lowering sources: part of every kernel's options, so Inductor's
-    FX-graph cache (whose key does not cover out-of-tree code) never reuses a stale kernel."""
-    digest = hashlib.sha256()
-    for path in sorted([*TEMPLATES.glob("*.jinja"), *Path(__file__).parent.glob("*.py")]):
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 @SymbolicGridFn
@@ -183,7 +172,6 @@ def lower_forward_triton(query, key, value, score_graph, block_mask, scale, kern
         "ROWS_GUARANTEED_SAFE": options.get("ROWS_GUARANTEED_SAFE", False),
         "BLOCKS_ARE_CONTIGUOUS": options.get("BLOCKS_ARE_CONTIGUOUS", False),
         "FLOAT32_PRECISION": float32_precision(),
-        "SOURCE_VERSION": f"'{source_version()}'",
     }
     q_span, kv_span = _span(q_len, sparse_q), _span(kv_len, sparse_kv)
 
