@@ -55,7 +55,7 @@ def allowed_positions(block_mask, partial_map, full_map, b, h, q_idx, kv_idx, ma
     return allowed
 
 
-def _softmax_rows(scores):
+def softmax_rows(scores):
     """Softmax over the last dim with -inf for masked entries: (probs, lse, row_max).
 
     Rows with nothing attended give probs 0, lse -inf and max -inf, and no NaN in values or
@@ -137,7 +137,7 @@ def attention_reference(
         scores = evaluate_score_mod(score_mod, scores, chunks.b, chunks.h, q_idx, chunks.kv_idx, score_mod_buffers)
         scores = torch.where(chunks.allowed(q_idx, mask_mod_buffers), scores.to(chunks.compute), -math.inf)
 
-        probs, lse, row_max = _softmax_rows(scores)
+        probs, lse, row_max = softmax_rows(scores)
 
         out = chunks.grouped(probs.to(value.dtype)) @ value_kv
         outs.append(out.flatten(1, 2))
@@ -196,7 +196,7 @@ def attention_backward_reference(
         # Probabilities are recomputed rather than rebuilt from the saved lse: lse rounded to
         # float32 makes rows sum to 1 ± |lse|·eps, an error captured-buffer gradients
         # multiply by the (possibly large) positions they are weighted with.
-        probs, _, _ = _softmax_rows(torch.where(allowed, modified.to(compute), -math.inf))
+        probs, _, _ = softmax_rows(torch.where(allowed, modified.to(compute), -math.inf))
 
         d_out = grad_out[:, :, start:stop].to(compute) if grad_out is not None else None
         d_modified = torch.zeros_like(probs)

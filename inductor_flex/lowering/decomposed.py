@@ -67,6 +67,7 @@ from ..reference import (
     KV_NUM_BLOCKS,
     MASK_MOD,
     Q_BLOCK_SIZE,
+    softmax_rows,
     working_dtype,
 )
 
@@ -190,19 +191,6 @@ class _Setup:
         return raw, modified.to(self.compute), q_idx
 
 
-def _softmax_rows(scores):
-    """(probs, lse, row_max) of masked scores (-inf = masked), as ``reference._softmax_rows``:
-    empty rows give probs 0, lse -inf, max -inf."""
-    row_max = scores.amax(dim=-1, keepdim=True)
-    shift = torch.where(torch.isfinite(row_max), row_max, 0.0)
-    exp_scores = torch.exp(scores - shift)
-    row_sum = exp_scores.sum(dim=-1, keepdim=True)
-    empty = row_sum == 0
-    probs = exp_scores / torch.where(empty, 1.0, row_sum)
-    lse = torch.where(empty, -math.inf, shift + torch.log(torch.where(empty, 1.0, row_sum)))
-    return probs, lse.squeeze(-1), row_max.squeeze(-1)
-
-
 def _cat(chunks):
     """The chunks' rows back in one tensor (dim 2); no copy for a single chunk."""
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
@@ -228,7 +216,7 @@ def _forward(p: _Problem, query, key, value, *tensors):
     for start, stop in p.ranges:
         _, modified, q_idx = s.scores(s.q_rows(query, start, stop), start, stop, score_mod_buffers)
         masked = torch.where(s.allowed(q_idx), modified, -math.inf)
-        probs, lse, row_max = _softmax_rows(masked)
+        probs, lse, row_max = softmax_rows(masked)
         outs.append(s.grid(torch.bmm(s.flat(probs), s.value), start, stop))
         lses.append(lse)
         maxes.append(row_max)
@@ -262,7 +250,7 @@ def _backward(p: _Problem, has_grad_out, has_grad_lse, query, key, value, *tenso
         q_rows = s.q_rows(query, start, stop)
         raw, modified, q_idx = s.scores(q_rows, start, stop, score_mod_buffers)
         allowed = s.allowed(q_idx)
-        probs, _, _ = _softmax_rows(torch.where(allowed, modified, -math.inf))
+        probs, _, _ = softmax_rows(torch.where(allowed, modified, -math.inf))
 
         d_modified = None
         if grad_out is not None:
