@@ -69,7 +69,6 @@ def test_score_mod_reading_a_tensor_whole_or_ignoring_the_score(mode):
     the score (only a bias per key): both are summed over every position."""
     import math
 
-    from inductor_flex import flex_attention
     from inductor_flex.block_mask import full_block_mask
     from inductor_flex.reference import attention_reference
     from oracle import MODES
