@@ -1,13 +1,63 @@
-"""Lowering of the backward operator: the query-chunked decomposition, on every device.
+"""Lowering of the backward operator: the fused Triton template, or the chunked decomposition.
 
-The fused Triton backward template replaces it on GPUs in the backward milestone.
+Chosen like the forward (``forward.py``): ``backward_refusals`` lists every reason the fused
+backward template cannot run; with ``BACKEND="TRITON"`` (``bwd_BACKEND`` for this direction
+only) a refusal is an error carrying those reasons, with the default ``"AUTO"`` the
+query-chunked decomposition runs instead and says so in a warning, once per set of reasons.
+On a device for which Inductor generates C++ (the CPU) the decomposition is the design, not a
+fallback, and nothing is warned.
 """
+
+import warnings
+
+from ..kernel_options import options_for
+from .forward import runs_triton, template_refusals
+
+_warned = set()
+
+
+def _graph_module(subgraph):
+    return getattr(subgraph, "graph_module", subgraph)
+
+
+def backward_refusals(query, value, block_mask, joint_graph, score_mod_buffers):
+    """(reasons the fused backward template cannot run these inputs, the captured-grad plan)."""
+    reasons = template_refusals(query, value)
+    if block_mask[6] is None or block_mask[7] is None:
+        reasons.append("the BlockMask has no Q-direction block lists (it was built with compute_q_blocks=False)")
+    if query.get_dtype() != value.get_dtype():
+        reasons.append(f"mixed dtypes {query.get_dtype()}/{value.get_dtype()}")
+    plan = None
+    if not reasons:
+        from .triton_backward import plan_captured_grads
+
+        plan, plan_reasons = plan_captured_grads(_graph_module(joint_graph), score_mod_buffers)
+        reasons += plan_reasons
+    return reasons, plan
 
 
 def lower_backward(query, key, value, out, lse, grad_out, grad_lse, score_graph, joint_graph, block_mask,
                    scale, kernel_options, score_mod_buffers, mask_mod_buffers):
+    backend = options_for(kernel_options, "bwd").get("BACKEND", "AUTO")
+    args = (query, key, value, out, lse, grad_out, grad_lse, score_graph, joint_graph, block_mask, scale,
+            kernel_options, score_mod_buffers, mask_mod_buffers)
+    reasons, plan = ([], None) if backend == "DECOMPOSED" else backward_refusals(
+        query, value, block_mask, joint_graph, score_mod_buffers)
+    if backend != "DECOMPOSED" and not reasons:
+        from .triton_backward import lower_backward_triton
+
+        return lower_backward_triton(*args, plan)
+    if backend == "TRITON":
+        raise RuntimeError("inductor_flex: BACKEND='TRITON' cannot run the backward here: " + "; ".join(reasons))
+    gpu_reasons = reasons if runs_triton(query.get_device()) else []
+    if gpu_reasons and tuple(gpu_reasons) not in _warned:
+        _warned.add(tuple(gpu_reasons))
+        warnings.warn(
+            "inductor_flex: the fused backward kernel cannot run (" + "; ".join(gpu_reasons) + "); using the "
+            "query-chunked decomposition compiled by Inductor instead, which is slower. Pass "
+            "kernel_options={'bwd_BACKEND': 'DECOMPOSED'} to choose it explicitly.",
+            stacklevel=2,
+        )
     from .decomposed import lower_backward_decomposed
 
-    return lower_backward_decomposed(query, key, value, out, lse, grad_out, grad_lse, score_graph,
-                                     joint_graph, block_mask, scale, kernel_options, score_mod_buffers,
-                                     mask_mod_buffers)
+    return lower_backward_decomposed(*args)

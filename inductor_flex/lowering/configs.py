@@ -125,3 +125,127 @@ def fit_tile(sparse_block: int, preferred: int, length: int) -> int:
         return preferred
     candidates = [t for t in (16, 32, 64, 128) if t <= preferred] or [16]
     return min(candidates, key=lambda t: (-(-span // t)) * (t + 32) - t * 1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward kernel configurations.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BackwardConfig:
+    """One backward-kernel configuration.
+
+    ``block_m1`` x ``block_n1``: the query tile streamed by a dK/dV program x the key/value rows
+    it owns; ``block_m2`` x ``block_n2``: the query rows a dQ program owns x the key/value tile it
+    streams. All four are powers of two >= 16; num_warps is one of 2/4/8; num_stages >= 1; the
+    tiles for num_stages pipeline stages fit in shared memory (``backward_fits_shared_memory``).
+    """
+
+    block_m1: int
+    block_n1: int
+    block_m2: int
+    block_n2: int
+    num_warps: int
+    num_stages: int
+
+
+# (arch, head_dim bucket, low precision?) -> default.
+_DEFAULT_BACKWARD = {
+    ("sm90", 64, True): BackwardConfig(64, 128, 128, 64, 8, 3),
+    ("sm90", 128, True): BackwardConfig(64, 128, 128, 64, 8, 2),
+    ("sm90", 256, True): BackwardConfig(32, 64, 64, 32, 4, 1),
+    ("sm90", 64, False): BackwardConfig(32, 64, 64, 32, 4, 2),
+    ("sm90", 128, False): BackwardConfig(32, 64, 64, 32, 4, 1),
+    ("sm90", 256, False): BackwardConfig(16, 32, 32, 16, 4, 1),
+    ("sm80", 64, True): BackwardConfig(64, 64, 64, 64, 4, 3),
+    ("sm80", 128, True): BackwardConfig(64, 64, 64, 64, 4, 2),
+    ("sm80", 256, True): BackwardConfig(32, 64, 64, 32, 4, 1),
+    ("sm80", 64, False): BackwardConfig(32, 64, 64, 32, 4, 2),
+    ("sm80", 128, False): BackwardConfig(32, 32, 32, 32, 4, 1),
+    ("sm80", 256, False): BackwardConfig(16, 32, 32, 16, 4, 1),
+}
+
+# Extra candidates tried under mode="max-autotune".
+_AUTOTUNE_BACKWARD = [
+    BackwardConfig(64, 128, 128, 64, 8, 3),
+    BackwardConfig(64, 128, 128, 64, 8, 2),
+    BackwardConfig(64, 128, 128, 64, 4, 3),
+    BackwardConfig(32, 128, 128, 32, 4, 3),
+    BackwardConfig(64, 64, 64, 64, 4, 3),
+    BackwardConfig(64, 64, 64, 64, 4, 2),
+    BackwardConfig(32, 64, 64, 32, 4, 2),
+    BackwardConfig(32, 32, 32, 32, 4, 1),
+]
+
+
+def backward_shared_memory_bytes(config: BackwardConfig, qk_dim: int, v_dim: int, itemsize: int) -> int:
+    """A conservative estimate: the larger of the two program kinds of the kernel.
+
+    dK/dV program: its K and V rows, num_stages query and dO tiles, and the pᵀ/dsᵀ tile staged
+    for the matmuls. dQ program: its Q and dO rows, num_stages K and V tiles, and the ds tile.
+    """
+    kv_rows = config.block_n1 * (qk_dim + v_dim)
+    q_tiles = config.num_stages * config.block_m1 * (qk_dim + v_dim)
+    scratch1 = config.block_n1 * config.block_m1
+    q_rows = config.block_m2 * (qk_dim + v_dim)
+    kv_tiles = config.num_stages * config.block_n2 * (qk_dim + v_dim)
+    scratch2 = config.block_m2 * config.block_n2
+    return max(kv_rows + q_tiles + scratch1, q_rows + kv_tiles + scratch2) * itemsize
+
+
+def backward_fits_shared_memory(config: BackwardConfig, qk_dim: int, v_dim: int, itemsize: int, arch: str) -> bool:
+    limit = _SHARED_MEMORY_BYTES.get(arch, _SHARED_MEMORY_BYTES["other"])
+    return backward_shared_memory_bytes(config, qk_dim, v_dim, itemsize) <= limit
+
+
+def _lighter_backward(config: BackwardConfig) -> BackwardConfig:
+    """A config needing about half the shared memory (and registers) of ``config``."""
+    if config.num_stages > 1:
+        return BackwardConfig(config.block_m1, config.block_n1, config.block_m2, config.block_n2,
+                              config.num_warps, 1)
+    return BackwardConfig(max(16, config.block_m1 // 2), max(16, config.block_n1 // 2),
+                          max(16, config.block_m2 // 2), max(16, config.block_n2 // 2),
+                          config.num_warps, config.num_stages)
+
+
+def _shrink_backward(config: BackwardConfig) -> BackwardConfig | None:
+    """One step smaller: stages first, then the streamed tiles, then the owned rows."""
+    c = config
+    if c.num_stages > 1:
+        return BackwardConfig(c.block_m1, c.block_n1, c.block_m2, c.block_n2, c.num_warps, c.num_stages - 1)
+    if c.block_m1 > 16 or c.block_n2 > 16:
+        return BackwardConfig(max(16, c.block_m1 // 2), c.block_n1, c.block_m2, max(16, c.block_n2 // 2),
+                              c.num_warps, c.num_stages)
+    if c.block_n1 > 16 or c.block_m2 > 16:
+        return BackwardConfig(c.block_m1, max(16, c.block_n1 // 2), max(16, c.block_m2 // 2), c.block_n2,
+                              c.num_warps, c.num_stages)
+    return None
+
+
+def backward_configs(device, dtype, qk_dim_rounded: int, v_dim_rounded: int, autotune: bool,
+                     mods_read_tensors: bool = False) -> list[BackwardConfig]:
+    """The default backward config for this GPU/dtype/head dim (plus a lighter one when the mods
+    gather from captured tensors, whose layout-conversion scratch no estimate sees), plus the
+    autotuning candidates if asked; configs that would not fit in shared memory are pruned
+    before anything compiles, and if none is left the default is shrunk until it fits."""
+    arch = architecture(device)
+    low_precision = dtype in (torch.float16, torch.bfloat16)
+    bucket = _head_dim_bucket(max(qk_dim_rounded, v_dim_rounded))
+    default = _DEFAULT_BACKWARD.get((arch, bucket, low_precision), BackwardConfig(32, 32, 32, 32, 4, 1))
+    candidates = [default]
+    if mods_read_tensors and _lighter_backward(default) != default:
+        candidates.append(_lighter_backward(default))
+    if autotune:
+        candidates += [c for c in _AUTOTUNE_BACKWARD if c not in candidates]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    fitting = [c for c in candidates if backward_fits_shared_memory(c, qk_dim_rounded, v_dim_rounded, itemsize, arch)]
+    if fitting:
+        return fitting
+    config = default
+    while not backward_fits_shared_memory(config, qk_dim_rounded, v_dim_rounded, itemsize, arch):
+        smaller = _shrink_backward(config)
+        if smaller is None:
+            break
+        config = smaller
+    return [config]
