@@ -206,12 +206,92 @@ def write_outputs(rows, out_dir: Path, markdown: Path, device_name: str):
     fig.savefig(out_dir / "forward.png", dpi=100)
 
 
+# ---------------------------------------------------------------- forward + backward (--backward)
+
+
+def run_backward_case(case: Case, device, dtype):
+    """Forward + backward of ours and of torch's compiled flex on the same inputs and output
+    gradient: median milliseconds and peak memory of one training step of attention."""
+    torch._dynamo.reset()
+    shape = (case.batch, case.heads, case.seq, case.head_dim)
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    grad_out = torch.randn(shape, device=device, dtype=dtype)
+    score_mod, mask_mod = make_mods(case, device)
+    # fwd+bwd = 3.5 x forward FLOPs (backward 2.5x), torch's convention.
+    row = {"case": case.name, "tflop_fwd_bwd": 3.5 * case.forward_flops() / 1e12}
+
+    def timed(prefix, attention, block_mask, options):
+        def step():
+            out = attention(q, k, v, score_mod=score_mod, block_mask=block_mask, **options)
+            torch.autograd.grad(out, (q, k, v), grad_out)
+
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        row[f"{prefix}_compile_s"] = time.perf_counter() - start
+        row[f"{prefix}_ms"] = bench_ms(step)
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        row[f"{prefix}_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+
+    ours_mask = (inductor_flex.create_block_mask(mask_mod, None, None, case.seq, case.seq, device=device,
+                                                 BLOCK_SIZE=case.block_size) if mask_mod else None)
+    options = {"kernel_options": {"FAST_MATH": True}} if case.fast_math else {}
+    timed("ours", torch.compile(inductor_flex.flex_attention), ours_mask, options)
+    ours_grads = torch.autograd.grad(
+        torch.compile(inductor_flex.flex_attention)(q, k, v, score_mod=score_mod, block_mask=ours_mask, **options),
+        (q, k, v), grad_out)
+
+    torch._dynamo.reset()
+    torch_block = case.block_size if case.block_size >= 128 else 128
+    theirs_mask = (torch_flex.create_block_mask(mask_mod, None, None, case.seq, case.seq, device=device,
+                                                BLOCK_SIZE=torch_block) if mask_mod else None)
+    theirs = torch.compile(torch_flex.flex_attention)
+    timed("torch_flex", theirs, theirs_mask, {})
+    their_grads = torch.autograd.grad(theirs(q, k, v, score_mod=score_mod, block_mask=theirs_mask), (q, k, v), grad_out)
+    row["max_grad_diff_vs_torch"] = max((a.float() - b.float()).abs().max().item()
+                                        for a, b in zip(ours_grads, their_grads))
+    return row
+
+
+def write_backward_outputs(rows, out_dir: Path, device_name: str):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fields = sorted({k for row in rows for k in row}, key=lambda k: (k != "case", k))
+    with open(out_dir / "backward.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [
+        "## Forward + backward",
+        "",
+        f"Measured on {device_name}, torch {torch.__version__}, {datetime.date.today().isoformat()}; bf16. "
+        "FLOPs: 3.5 x forward (backward = 2.5 x). Peak: memory allocated above the inputs during one step.",
+        "",
+        "| case | ours TFLOP/s | torch flex TFLOP/s | ratio | peak MiB (ours / torch) | max grad diff | compile s (ours / torch) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        ours = row["tflop_fwd_bwd"] / (row["ours_ms"] / 1e3)
+        theirs = row["tflop_fwd_bwd"] / (row["torch_flex_ms"] / 1e3)
+        lines.append(
+            f"| {row['case']} | {ours:.0f} | {theirs:.0f} | {ours / theirs:.2f}x | "
+            f"{row['ours_peak_mib']:.0f} / {row['torch_flex_peak_mib']:.0f} | {row['max_grad_diff_vs_torch']:.2e} | "
+            f"{row['ours_compile_s']:.1f} / {row['torch_flex_compile_s']:.1f} |"
+        )
+    (out_dir / "backward.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="three cases only")
     parser.add_argument("--only", default="", help="run the cases whose name contains this text")
     parser.add_argument("--out", type=Path, default=Path("benchmark_results"))
     parser.add_argument("--markdown", type=Path, default=Path("docs/benchmarks.md"))
+    parser.add_argument("--backward", action="store_true",
+                        help="forward + backward instead (writes OUT/backward.csv and OUT/backward.md)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("the benchmark needs a CUDA GPU")
@@ -225,7 +305,13 @@ def main(argv=None):
     rows = []
     for number, case in enumerate(all_cases, 1):
         print(f"[{number}/{len(all_cases)}] {case.name} ...", flush=True)
-        rows.append(run_case(case, device, torch.bfloat16))
+        if args.backward:
+            rows.append(run_backward_case(case, device, torch.bfloat16))
+        else:
+            rows.append(run_case(case, device, torch.bfloat16))
+    if args.backward:
+        write_backward_outputs(rows, args.out, torch.cuda.get_device_name())
+        return
     write_outputs(rows, args.out, args.markdown, torch.cuda.get_device_name())
 
 
