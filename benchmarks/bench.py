@@ -292,11 +292,23 @@ def main(argv=None):
     parser.add_argument("--markdown", type=Path, default=Path("docs/benchmarks.md"))
     parser.add_argument("--backward", action="store_true",
                         help="forward + backward instead (writes OUT/backward.csv and OUT/backward.md)")
+    parser.add_argument("--decode", action="store_true",
+                        help="decode rows (Lq 1, long KV) in GB/s instead (writes OUT/decode.csv and OUT/decode.md)")
+    parser.add_argument("--decode-threshold", action="store_true",
+                        help="decode kernel vs forward template over Lq 1..128 (writes OUT/decode_threshold.*)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("the benchmark needs a CUDA GPU")
     device = torch.device("cuda")
     torch._dynamo.config.cache_size_limit = 64
+    if args.decode or args.decode_threshold:
+        import bench_decode  # benchmarks/bench_decode.py, beside this script
+
+        if args.decode:
+            bench_decode.run_decode(args.out, torch.cuda.get_device_name(), args.only)
+        if args.decode_threshold:
+            bench_decode.run_threshold(args.out, torch.cuda.get_device_name())
+        return
     all_cases = [c for c in cases(args.quick) if args.only in c.name]
     # One throw-away compile of each, so no measured cold compile pays for first-use imports.
     warm = torch.randn(1, 1, 128, 64, device=device, dtype=torch.bfloat16)

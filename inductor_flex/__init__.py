@@ -5,6 +5,7 @@ Drop-in for ``torch.nn.attention.flex_attention``: the same public names and sig
 
 from .api import AuxOutput, AuxRequest, flex_attention
 from .block_mask import BlockMask, and_masks, create_block_mask, create_mask, noop_mask, or_masks
+from .merge import merge_attention_states
 from .paged import PagedKVCache
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "create_block_mask",
     "create_mask",
     "flex_attention",
+    "merge_attention_states",
     "noop_mask",
     "or_masks",
     "PagedKVCache",

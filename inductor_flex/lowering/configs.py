@@ -128,6 +128,113 @@ def fit_tile(sparse_block: int, preferred: int, length: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# Decode (short queries, ``templates/decode.py.jinja``): a tile of ROWS packed query rows walks
+# BLOCK_N keys at a time; the KV sequence is split across programs.
+#
+# Constraints: block_n is a power of two >= 16, num_warps one of 2/4/8, num_stages >= 1, and the
+# q tile plus num_stages k and v tiles fit in shared memory (``decode_fits_shared_memory``).
+# The defaults are first guesses, to be measured (``benchmarks/bench.py --decode``).
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """One decode-kernel configuration (see the section comment for the constraints)."""
+
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# (arch, head_dim bucket, low precision?) -> default. Decode is bound by reading K and V, so the
+# tile over KV and the pipelining depth (bytes in flight) matter more than the math.
+_DEFAULT_DECODE = {
+    ("sm90", 64, True): DecodeConfig(128, 4, 3),
+    ("sm90", 128, True): DecodeConfig(64, 4, 4),
+    ("sm90", 256, True): DecodeConfig(32, 4, 3),
+    ("sm90", 64, False): DecodeConfig(64, 4, 3),
+    ("sm90", 128, False): DecodeConfig(32, 4, 3),
+    ("sm90", 256, False): DecodeConfig(16, 4, 2),
+    ("sm80", 64, True): DecodeConfig(64, 4, 3),
+    ("sm80", 128, True): DecodeConfig(64, 4, 3),
+    ("sm80", 256, True): DecodeConfig(32, 4, 2),
+    ("sm80", 64, False): DecodeConfig(64, 4, 2),
+    ("sm80", 128, False): DecodeConfig(32, 4, 2),
+    ("sm80", 256, False): DecodeConfig(16, 4, 2),
+}
+
+# Extra candidates tried under mode="max-autotune".
+_AUTOTUNE_DECODE = [
+    DecodeConfig(32, 2, 3),
+    DecodeConfig(64, 2, 3),
+    DecodeConfig(64, 4, 3),
+    DecodeConfig(64, 4, 5),
+    DecodeConfig(128, 4, 2),
+    DecodeConfig(128, 4, 3),
+    DecodeConfig(128, 8, 3),
+]
+
+# Splitting the KV sequence: aim at DECODE_PROGRAMS_PER_SM programs per SM, but give each split
+# at least DECODE_MIN_SPLIT_POSITIONS keys (the merge costs one more partial per split) and at
+# most DECODE_MAX_SPLITS splits. Off GPU (Triton's interpreter) a fixed SM count stands in.
+DECODE_PROGRAMS_PER_SM = 2
+DECODE_MIN_SPLIT_POSITIONS = 256
+DECODE_MAX_SPLITS = 64
+DECODE_SM_COUNT_OFF_GPU = 8
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of the GPU (a fixed stand-in off GPU)."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DECODE_SM_COUNT_OFF_GPU
+
+
+def decode_splits(programs_per_split: int, kv_len: int, sms: int) -> int:
+    """How many ranges to cut the KV sequence into: enough programs to fill the GPU, none of
+    them shorter than DECODE_MIN_SPLIT_POSITIONS keys."""
+    wanted = -(-DECODE_PROGRAMS_PER_SM * sms // max(programs_per_split, 1))
+    by_length = max(1, -(-kv_len // DECODE_MIN_SPLIT_POSITIONS))
+    return max(1, min(wanted, by_length, DECODE_MAX_SPLITS))
+
+
+def decode_fits_shared_memory(config: DecodeConfig, rows: int, qk_dim: int, v_dim: int, itemsize: int,
+                              arch: str) -> bool:
+    """q tile once, k and v tiles per pipeline stage: a conservative estimate of shared memory."""
+    q_tile = rows * qk_dim
+    kv_tiles = config.num_stages * config.block_n * (qk_dim + v_dim)
+    return (q_tile + kv_tiles) * itemsize <= _SHARED_MEMORY_BYTES.get(arch, _SHARED_MEMORY_BYTES["other"])
+
+
+def decode_configs(device, dtype, rows: int, qk_dim_rounded: int, v_dim_rounded: int,
+                   autotune: bool) -> list[DecodeConfig]:
+    """The default decode config for this GPU/dtype/head dim, plus the autotuning candidates if
+    asked; configs that would not fit in shared memory are dropped (the default is shrunk,
+    stages then block_n, until it fits)."""
+    arch = architecture(device)
+    low_precision = dtype in (torch.float16, torch.bfloat16)
+    bucket = _head_dim_bucket(max(qk_dim_rounded, v_dim_rounded))
+    default = _DEFAULT_DECODE.get((arch, bucket, low_precision), DecodeConfig(32, 4, 2))
+    candidates = [default]
+    if autotune:
+        candidates += [c for c in _AUTOTUNE_DECODE if c not in candidates]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    fitting = [c for c in candidates
+               if decode_fits_shared_memory(c, rows, qk_dim_rounded, v_dim_rounded, itemsize, arch)]
+    if fitting:
+        return fitting
+    config = default
+    while not decode_fits_shared_memory(config, rows, qk_dim_rounded, v_dim_rounded, itemsize, arch):
+        if config.num_stages > 1:
+            config = DecodeConfig(config.block_n, config.num_warps, config.num_stages - 1)
+        elif config.block_n > 16:
+            config = DecodeConfig(config.block_n // 2, config.num_warps, config.num_stages)
+        else:
+            break
+    return [config]
+
+
+# ---------------------------------------------------------------------------------------------
 # Backward kernel configurations.
 # ---------------------------------------------------------------------------------------------
 

@@ -16,6 +16,11 @@ from ..kernel_options import options_for
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
+# Query lengths up to this (static) run the decode kernel (lowering/triton_decode.py) instead of
+# the forward template; kernel_options FORCE_USE_FLEX_ATTENTION=True keeps the forward template.
+# A first guess: it must be measured on the GPU (benchmarks/bench.py --decode-threshold).
+DECODE_MAX_QUERY_LEN = 16
+
 
 def runs_triton(device) -> bool:
     """Does Inductor generate Triton for this device (GPUs, or CPU with cpu_backend="triton")?"""
@@ -44,6 +49,10 @@ def lower_forward(query, key, value, score_graph, block_mask, scale, kernel_opti
     reasons = template_refusals(query, value) if backend != "DECOMPOSED" else []
     args = (query, key, value, score_graph, block_mask, scale, kernel_options, score_mod_buffers, mask_mod_buffers)
     if backend != "DECOMPOSED" and not reasons:
+        from .triton_decode import decode_refusals, lower_decode_triton
+
+        if not decode_refusals(query, value, block_mask, kernel_options, DECODE_MAX_QUERY_LEN):
+            return lower_decode_triton(*args)
         from .triton_forward import lower_forward_triton
 
         return lower_forward_triton(*args)
