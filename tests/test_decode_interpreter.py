@@ -163,3 +163,26 @@ def test_kernel_options_are_honoured(decode_runs):
 def test_half_precision(decode_runs):
     check_decode(BY_NAME["relative_position"], B=1, Hq=4, Hkv=2, Lq=2, S=64, block_size=16, dtype=torch.float16)
     assert decode_runs
+
+
+def test_dynamic_batch_and_kv_length(decode_runs):
+    """dynamic=True: one compiled kernel serves other batches and cache lengths."""
+
+    def alibi_like(score, b, h, q_idx, kv_idx):
+        return score - 0.1 * (h + 1) * (kv_idx - q_idx).abs()
+
+    compiled = torch.compile(flex_attention, dynamic=True, fullgraph=True)
+    for B, S in ((2, 100), (3, 157)):
+        q, k, v = torch.randn(B, 4, 1, 16), torch.randn(B, 2, S, 16), torch.randn(B, 2, S, 16)
+        out = compiled(q, k, v, score_mod=alibi_like, enable_gqa=True)
+        gold = flex_attention(q.double(), k.double(), v.double(), score_mod=alibi_like, enable_gqa=True)
+        torch.testing.assert_close(out.double(), gold, atol=1e-5, rtol=1e-5)
+    assert decode_runs
+
+
+def test_key_value_batch_of_one_broadcasts(decode_runs):
+    q, k, v = torch.randn(3, 6, 2, 16), torch.randn(1, 3, 90, 16), torch.randn(1, 3, 90, 16)
+    out = torch.compile(flex_attention, fullgraph=True)(q, k, v, enable_gqa=True)
+    gold = flex_attention(q.double(), k.double(), v.double(), enable_gqa=True)
+    torch.testing.assert_close(out.double(), gold, atol=1e-5, rtol=1e-5)
+    assert decode_runs
