@@ -38,8 +38,8 @@ INTERPRETABLE = [v for v in CATALOGUE if not v.name.startswith("softcap")]
 
 @pytest.mark.parametrize("variant", INTERPRETABLE, ids=lambda v: v.name)
 def test_catalogue(variant, decode_runs):
-    # Lq 3 with a GQA group of 2: six packed rows; S 300 spans several blocks and splits.
-    check_decode(variant, B=2, Hq=4, Hkv=2, Lq=3, S=300, block_size=64)
+    # Lq 3 with a GQA group of 2: six packed rows; S 170 spans several blocks and splits.
+    check_decode(variant, B=2, Hq=4, Hkv=2, Lq=3, S=170, block_size=64)
     assert decode_runs
 
 
@@ -185,4 +185,20 @@ def test_key_value_batch_of_one_broadcasts(decode_runs):
     out = torch.compile(flex_attention, fullgraph=True)(q, k, v, enable_gqa=True)
     gold = flex_attention(q.double(), k.double(), v.double(), enable_gqa=True)
     torch.testing.assert_close(out.double(), gold, atol=1e-5, rtol=1e-5)
+    assert decode_runs
+
+
+def test_one_split_writes_the_result_without_a_merge(decode_runs, monkeypatch):
+    monkeypatch.setattr(configs, "DECODE_MAX_SPLITS", 1)
+    q, k, v = torch.randn(2, 4, 3, 16), torch.randn(2, 2, 70, 16), torch.randn(2, 2, 70, 16)
+    compiled = torch.compile(flex_attention, fullgraph=True)
+    (out, aux), (code,) = run_and_get_code(compiled, q, k, v, enable_gqa=True,
+                                           return_aux=AuxRequest(lse=True, max_scores=True))
+    FileCheck().check("SPLITS : tl.constexpr = 1").run(code)
+    FileCheck().check_not("SPLITS_ROUNDED").run(code)
+    gold, gold_aux = flex_attention(q.double(), k.double(), v.double(), enable_gqa=True,
+                                    return_aux=AuxRequest(lse=True, max_scores=True))
+    torch.testing.assert_close(out.double(), gold, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(aux.lse.double(), gold_aux.lse, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(aux.max_scores.double(), gold_aux.max_scores, atol=1e-5, rtol=1e-5)
     assert decode_runs

@@ -141,11 +141,17 @@ def lower_decode_triton(query, key, value, score_graph, block_mask, scale, kerne
     kv_len_hint = concrete_sizes([kv_len])[0]
     splits = decode_splits(batch_hint * head_programs, kv_len_hint, sm_count(device))
 
+    # Per split: float32 partial outputs, lse and max for the merge kernel. With one split the
+    # kernel writes the final out (query dtype), lse and max, and no merge runs.
     stats = torch.float32
-    parts_size = [batch, q_heads, splits, q_len, v_dim]
-    parts_layout = FixedLayout(device, stats, parts_size, stride=ir.FlexibleLayout.contiguous_strides(parts_size))
-    lse_parts = empty_strided([batch, q_heads, splits, q_len], None, dtype=stats, device=device)
-    max_parts = empty_strided([batch, q_heads, splits, q_len], None, dtype=stats, device=device)
+    if splits == 1:
+        parts_size, parts_dtype, stats_size = [batch, q_heads, q_len, v_dim], query.get_dtype(), [batch, q_heads, q_len]
+    else:
+        parts_size, parts_dtype, stats_size = [batch, q_heads, splits, q_len, v_dim], stats, [batch, q_heads, splits, q_len]
+    parts_layout = FixedLayout(device, parts_dtype, parts_size,
+                               stride=ir.FlexibleLayout.contiguous_strides(parts_size))
+    lse_parts = empty_strided(stats_size, None, dtype=stats, device=device)
+    max_parts = empty_strided(stats_size, None, dtype=stats, device=device)
 
     has_full_blocks = full_kv_num_blocks is not None
     if not has_full_blocks:  # the kernel never reads them; it still needs pointers
@@ -218,6 +224,8 @@ def lower_decode_triton(query, key, value, score_graph, block_mask, scale, kerne
     out_parts.data.data.subgraph_inps = list(score_mod_buffers) + list(mask_mod_buffers)
     out_parts.data.data.subgraph_outs = [*(score_ir if isinstance(score_ir, list) else [score_ir]),
                                          *(mask_ir if isinstance(mask_ir, list) else [mask_ir])]
+    if splits == 1:
+        return out_parts, lse_parts, max_parts
     return _merge_splits(query, out_parts, lse_parts, max_parts, splits, q_len, v_dim, v_rounded)
 
 
