@@ -127,3 +127,13 @@ def test_max_autotune_backward():
     gold = torch.autograd.grad(flex_attention(q64, k64, v64, block_mask=mask).sum(), (q64, k64, v64))
     for ours, ref in zip(grads, gold):
         torch.testing.assert_close(ours.double(), ref, atol=5e-2, rtol=5e-2)
+
+
+def test_captured_tensor_gradients_of_every_kind():
+    """Per-row index plus a 0-dim tensor read whole, a table indexed twice, a per-column index."""
+    from test_backward_interpreter import CAPTURED, WHOLE_READ
+
+    for variant in (WHOLE_READ, *CAPTURED):
+        torch._dynamo.reset()
+        oracle.run_variant(variant, mode="inductor", device="cuda", dtype=torch.float32,
+                           B=2, Hq=4, Hkv=2, L=300, S=211, E=64, Ev=64, block_size=128)

@@ -15,7 +15,8 @@ def test_templates_through_triton_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:logging",
-         str(HERE / "test_templates_interpreter.py"), str(HERE / "test_decode_interpreter.py")],
+         str(HERE / "test_templates_interpreter.py"), str(HERE / "test_decode_interpreter.py"),
+         str(HERE / "test_backward_interpreter.py")],
         env=env, capture_output=True, text=True, timeout=1500, cwd=HERE.parent,
     )
     tail = (result.stdout + result.stderr)[-8000:]

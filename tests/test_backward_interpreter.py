@@ -1,0 +1,197 @@
+"""The fused backward template, run on CPU by Triton's interpreter, against the float64 oracle.
+
+These run only inside the subprocess that ``test_templates_on_cpu.py`` starts with
+``TRITON_INTERPRET=1``; in the main run they skip. Small shapes: the interpreter is slow.
+"""
+
+import warnings
+
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+from torch.testing import FileCheck
+
+import oracle
+from catalogue import BY_NAME, CATALOGUE, Variant
+from inductor_flex import create_block_mask, flex_attention
+from triton_on_cpu import interpreter_requested, triton_on_cpu
+
+pytestmark = pytest.mark.skipif(
+    not interpreter_requested(), reason="run by test_templates_on_cpu.py in a TRITON_INTERPRET=1 subprocess"
+)
+
+
+@pytest.fixture(autouse=True)
+def interpreter():
+    with triton_on_cpu(), warnings.catch_warnings():
+        # A refusal would silently test the decomposition instead of the template.
+        warnings.filterwarnings("error", message="inductor_flex: the fused backward kernel cannot run")
+        yield
+
+
+def _run(variant, **shape):
+    oracle.run_variant(variant, mode="inductor", backward=True, **shape)
+
+
+# Triton's interpreter has no libdevice (tanh & co.); softcap runs in the GPU tier instead.
+INTERPRETABLE = [v for v in CATALOGUE if not v.name.startswith("softcap")]
+
+
+@pytest.mark.parametrize("variant", INTERPRETABLE, ids=lambda v: v.name)
+def test_catalogue_forward_backward(variant):
+    _run(variant, B=1, Hq=2, Hkv=1, L=40, S=40, E=16, Ev=16, block_size=16)
+
+
+def test_gqa_groups_of_four():
+    _run(BY_NAME["alibi"], B=1, Hq=4, Hkv=1, L=33, S=40, E=16, Ev=16, block_size=16)
+
+
+@pytest.mark.parametrize("E,Ev", [(16, 32), (24, 8), (80, 48)], ids=str)
+def test_qk_and_v_dims_differ(E, Ev):
+    _run(BY_NAME["relative_position"], B=1, Hq=2, Hkv=1, L=33, S=19, E=E, Ev=Ev, block_size=16)
+
+
+@pytest.mark.parametrize("L,S", [(17, 3), (33, 17), (50, 37)], ids=str)
+def test_lengths_not_multiples_of_the_block(L, S):
+    _run(BY_NAME["prefix_lm"], B=1, Hq=2, Hkv=1, L=L, S=S, E=16, Ev=16, block_size=16)
+
+
+@pytest.mark.parametrize("block_size", [16, 24, 48, (32, 16), (16, 48)], ids=str)
+def test_any_block_size(block_size):
+    _run(BY_NAME["document"], B=1, Hq=1, Hkv=1, L=64, S=53, E=16, Ev=16, block_size=block_size)
+
+
+def _late_start(buffers):
+    def late_start(b, h, q_idx, kv_idx):  # rows 0..19 attend nothing: the first block list is empty
+        return (q_idx >= 20) & (kv_idx <= q_idx) & (q_idx % 3 != 1)  # and every third row is empty
+
+    return None, late_start
+
+
+def test_fully_masked_rows_and_an_empty_first_block():
+    _run(Variant("late_start", _late_start), B=1, Hq=2, Hkv=1, L=48, S=48, E=16, Ev=16, block_size=16)
+
+
+def _table_twice(buffers):
+    table = buffers["table"]
+    offset = table.numel() // 2
+
+    def relative_twice(score, b, h, q_idx, kv_idx):  # one tensor indexed twice (torch refuses this)
+        return score + table[q_idx - kv_idx + offset] + 0.5 * table[kv_idx]
+
+    return relative_twice, None
+
+
+def _table_buffers(B, H, L, S, device):
+    return {"table": torch.randn(2 * max(L, S) + 1, device=device) * 0.5}
+
+
+def _row_and_scalar(buffers):
+    row_bias, gain = buffers["row_bias"], buffers["gain"]
+
+    def row_and_scalar(score, b, h, q_idx, kv_idx):  # a per-row index and a 0-dim tensor read whole
+        return score * gain + row_bias[h, q_idx]
+
+    return row_and_scalar, None
+
+
+def _row_and_scalar_buffers(B, H, L, S, device):
+    return {"row_bias": torch.randn(H, L, device=device), "gain": torch.tensor(1.3, device=device)}
+
+
+def _row_bias(buffers):
+    row_bias = buffers["row_bias"]
+
+    def row(score, b, h, q_idx, kv_idx):
+        return score + row_bias[h, q_idx]
+
+    return row, None
+
+
+def _row_bias_buffers(B, H, L, S, device):
+    return {"row_bias": torch.randn(H, L, device=device)}
+
+
+def _column_bias(buffers):
+    column_bias = buffers["column_bias"]
+
+    def column(score, b, h, q_idx, kv_idx):
+        return score + column_bias[b, kv_idx]
+
+    return column, _causal
+
+
+def _causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+def _column_buffers(B, H, L, S, device):
+    return {"column_bias": torch.randn(B, S, device=device)}
+
+
+CAPTURED = [
+    Variant("table_indexed_twice", _table_twice, _table_buffers, learnable=("table",)),
+    Variant("row_bias", _row_bias, _row_bias_buffers, learnable=("row_bias",)),
+    Variant("column_bias", _column_bias, _column_buffers, learnable=("column_bias",)),
+]
+# A 0-dim CPU tensor reaches a Triton kernel as a Python scalar under this harness (the forward
+# template then cannot load it): the whole-read case runs in the GPU tier.
+WHOLE_READ = Variant("row_bias_and_scalar", _row_and_scalar, _row_and_scalar_buffers,
+                     learnable=("row_bias", "gain"))
+
+
+@pytest.mark.parametrize("variant", CAPTURED, ids=lambda v: v.name)
+def test_captured_tensor_gradients(variant):
+    _run(variant, B=1, Hq=2, Hkv=1, L=37, S=29, E=16, Ev=16, block_size=16)
+
+
+def test_half_precision():
+    _run(BY_NAME["relative_position"], B=1, Hq=2, Hkv=2, L=32, S=32, E=16, Ev=16, dtype=torch.float16,
+         block_size=16)
+
+
+def _gradients(variant, options, B=1, H=2, L=40, seed=0):
+    torch.manual_seed(seed)
+    buffers = variant.make_buffers(B, H, L, L, "cpu")
+    for name in variant.learnable:
+        buffers[name].requires_grad_(True)
+    score_mod, mask_mod = variant.build(buffers)
+    mask = create_block_mask(mask_mod, B, H, L, L, device="cpu", BLOCK_SIZE=16) if mask_mod else None
+    q, k, v = (torch.randn(B, H, L, 16, requires_grad=True) for _ in range(3))
+    compiled = torch.compile(flex_attention, fullgraph=True)
+
+    def run():
+        out = compiled(q, k, v, score_mod=score_mod, block_mask=mask, kernel_options=options)
+        tensors = [q, k, v, *(buffers[n] for n in variant.learnable)]
+        return torch.autograd.grad(out, tensors, torch.ones_like(out))
+
+    grads, codes = run_and_get_code(run)
+    return grads, "\n".join(codes)
+
+
+@pytest.mark.parametrize("variant", ["relative_position", "alibi"])
+def test_deterministic_gradients(variant):
+    variant = BY_NAME[variant]
+    first, code = _gradients(variant, {"DETERMINISTIC": True})
+    FileCheck().check("EXACT=True").run(code)
+    torch._dynamo.reset()
+    again, _ = _gradients(variant, {"DETERMINISTIC": True})
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    torch._dynamo.reset()
+    default, code = _gradients(variant, {})
+    FileCheck().check("EXACT=False").run(code)
+    for a, b in zip(first, default):  # exact fixed point vs float32 atomics: the same sums
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_kernel_options_are_honoured():
+    options = {"BLOCK_M1": 16, "BLOCK_N1": 32, "BLOCK_M2": 32, "BLOCK_N2": 16, "bwd_PRESCALE_QK": True}
+    grads, code = _gradients(BY_NAME["alibi"], options)
+    (FileCheck().check("def dkdv_block_list").check("BLOCK_M1 : tl.constexpr = 16")
+     .check("BLOCK_N1 : tl.constexpr = 32").check("BLOCK_M : tl.constexpr = 32")
+     .check("BLOCK_N : tl.constexpr = 16").check("PRESCALE_QK : tl.constexpr = True").run(code))
+    torch._dynamo.reset()
+    default, _ = _gradients(BY_NAME["alibi"], {})
+    for a, b in zip(grads, default):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
