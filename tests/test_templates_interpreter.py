@@ -43,6 +43,22 @@ def test_any_block_size(block_size):
     _forward(BY_NAME["document"], B=1, Hq=1, Hkv=1, L=70, S=53, E=16, Ev=16, block_size=block_size)
 
 
+@pytest.mark.parametrize("sparse,gathers", [(16, True), (48, True), (64, False)], ids=str)
+def test_small_kv_blocks_are_gathered_into_full_tiles(sparse, gathers):
+    """A KV tile that does not divide the sparse block reads rows of consecutive blocks."""
+    def sliding(b, h, q_idx, kv_idx):
+        return (q_idx - kv_idx).abs() <= 20
+
+    q, k, v = (torch.randn(1, 1, 96, 16, dtype=torch.float64) for _ in range(3))
+    mask = create_block_mask(sliding, 1, 1, 96, 96, device="cpu", BLOCK_SIZE=sparse)
+    options = {"BLOCK_N": 32 if sparse == 48 else 64}
+    out, (code,) = run_and_get_code(torch.compile(flex_attention, fullgraph=True), q.float(), k.float(),
+                                    v.float(), block_mask=mask, kernel_options=options)
+    FileCheck().check(f"GATHER_KV : tl.constexpr = {gathers}").run(code)
+    gold = flex_attention(q, k, v, block_mask=mask)
+    torch.testing.assert_close(out.double(), gold, atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("E,Ev", [(8, 8), (4, 16), (80, 48), (24, 40)], ids=str)
 def test_head_dims(E, Ev):
     _forward(BY_NAME["alibi"], B=1, Hq=2, Hkv=2, L=33, S=19, E=E, Ev=Ev, block_size=16)

@@ -181,7 +181,12 @@ def lower_forward_triton(query, key, value, score_graph, block_mask, scale, kern
     choices, errors = [], []
     for config in configs:
         block_m = options.get("BLOCK_M") or fit_tile(sparse_q, config.block_m, q_span)
-        block_n = options.get("BLOCK_N") or fit_tile(sparse_kv, config.block_n, kv_span)
+        block_n = options.get("BLOCK_N") or config.block_n
+        # A tile that does not divide the KV sparse block gathers rows across blocks (full
+        # width for blocks of 16 or 48); a sequence shorter than its block gets a fitted tile.
+        gather_kv = sparse_kv % block_n != 0 and kv_span >= sparse_kv
+        if kv_span < sparse_kv and "BLOCK_N" not in options:
+            block_n = fit_tile(sparse_kv, config.block_n, kv_span)
         q_tile_fits = sparse_q % block_m == 0 or q_span < sparse_q
         kv_tile_fits = sparse_kv % block_n == 0 or kv_span < sparse_kv
         meta = dict(
@@ -193,7 +198,8 @@ def lower_forward_triton(query, key, value, score_graph, block_mask, scale, kern
             Q_TILE_FITS_BLOCK=q_tile_fits,
             KV_TILE_FITS_BLOCK=kv_tile_fits,
             CHECK_ROWS=not (sparse_q % block_m == 0 and _known_multiple(q_len, sparse_q)),
-            CHECK_COLS=not (sparse_kv % block_n == 0 and _known_multiple(kv_len, sparse_kv)),
+            GATHER_KV=gather_kv,
+            CHECK_COLS=gather_kv or not (sparse_kv % block_n == 0 and _known_multiple(kv_len, sparse_kv)),
         )
         error = forward_template().maybe_append_choice(
             choices=choices,

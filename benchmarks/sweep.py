@@ -1,0 +1,97 @@
+"""Sweep forward kernel configurations on one GPU: the data behind the defaults in configs.py.
+
+For each case, torch's compiled flex once, then ours under every configuration given as
+kernel_options (BLOCK_M, BLOCK_N, num_warps, num_stages); prints milliseconds and the ratio.
+``--dump DIR`` also writes both generated kernels of the first case (for reading their SASS).
+
+    python benchmarks/sweep.py [--only TEXT] [--dump DIR]
+"""
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+from torch._inductor.utils import run_and_get_code
+from torch.nn.attention import flex_attention as torch_flex
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import Case, bench_ms, make_mods
+
+import inductor_flex
+from inductor_flex.lowering import fast_math
+
+CASES = [
+    Case("noop D128 S8192", 2, 16, 8192, 128, "noop"),
+    Case("causal D128 S8192", 2, 16, 8192, 128, "causal"),
+    Case("noop D64 S2048", 8, 32, 2048, 64, "noop"),
+    Case("softcap+causal", 2, 16, 8192, 128, "causal", "softcap"),
+    Case("causal D128 S8192 block 32", 2, 16, 8192, 128, "causal", block_size=32),
+]
+
+CONFIGS = {
+    128: [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+          for (m, n, w, s) in [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3),
+                               (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 128, 16, 2)]],
+    64: [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+         for (m, n, w, s) in [(128, 128, 4, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 4, 2), (128, 128, 8, 2),
+                              (64, 128, 4, 3), (128, 64, 4, 4)]],
+}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="")
+    parser.add_argument("--dump", type=Path, default=None)
+    parser.add_argument("--default-only", action="store_true", help="only our default configuration")
+    args = parser.parse_args(argv)
+    torch._inductor.config.fx_graph_cache = False
+    device, dtype = "cuda", torch.bfloat16
+    lines = []
+    for index, case in enumerate(c for c in CASES if args.only in c.name):
+        shape = (case.batch, case.heads, case.seq, case.head_dim)
+        q, k, v = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
+        score_mod, mask_mod = make_mods(case, device)
+        torch._dynamo.reset()
+        theirs_mask = (torch_flex.create_block_mask(mask_mod, None, None, case.seq, case.seq, device=device,
+                                                    BLOCK_SIZE=max(case.block_size, 128)) if mask_mod else None)
+        theirs = torch.compile(torch_flex.flex_attention)
+        _, theirs_code = run_and_get_code(theirs, q, k, v, score_mod=score_mod, block_mask=theirs_mask)
+        torch_ms = bench_ms(lambda: theirs(q, k, v, score_mod=score_mod, block_mask=theirs_mask))
+        ours_mask = (inductor_flex.create_block_mask(mask_mod, None, None, case.seq, case.seq, device=device,
+                                                     BLOCK_SIZE=case.block_size) if mask_mod else None)
+        forms = ["rational", "sigmoid", "FAST_MATH"] if case.score == "softcap" else [None]
+        configs = [{}] + CONFIGS[case.head_dim] if case.score == "none" and not args.default_only else [{}]
+        for config, form in itertools.product(configs, forms):
+            torch._dynamo.reset()
+            options = dict(config)
+            if form == "FAST_MATH":
+                options["FAST_MATH"] = True
+            elif form is not None:
+                fast_math.TANH_FORM = form
+            compiled = torch.compile(inductor_flex.flex_attention)
+            try:
+                _, ours_code = run_and_get_code(compiled, q, k, v, score_mod=score_mod, block_mask=ours_mask,
+                                                kernel_options=options)
+                ms = bench_ms(lambda: compiled(q, k, v, score_mod=score_mod, block_mask=ours_mask,
+                                               kernel_options=options))
+            except Exception as error:  # a config that does not compile is a result, not a crash
+                lines.append(f"{case.name:28s} {options!s:70s} {form or '':9s} failed: {str(error)[:80]}")
+                continue
+            finally:
+                fast_math.TANH_FORM = "rational"
+            line = (f"{case.name:28s} {options or 'default'!s:70s} {form or '':9s} "
+                    f"ours {ms:7.3f} ms  torch {torch_ms:7.3f} ms  ratio {torch_ms / ms:5.3f}")
+            print(line, flush=True)
+            lines.append(line)
+            if args.dump and index == 0 and not config:
+                args.dump.mkdir(parents=True, exist_ok=True)
+                (args.dump / "ours.py").write_text("\n\n".join(ours_code))
+                (args.dump / "torch.py").write_text("\n\n".join(theirs_code))
+    print("==== sweep")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
