@@ -274,8 +274,8 @@ class BackwardConfig:
 # (arch, head_dim bucket, low precision?) -> default.
 _DEFAULT_BACKWARD = {
     ("sm90", 64, True): BackwardConfig(64, 128, 128, 64, 8, 3),
-    ("sm90", 128, True): BackwardConfig(64, 128, 128, 64, 8, 2),
-    ("sm90", 256, True): BackwardConfig(32, 64, 64, 32, 4, 1),
+    ("sm90", 128, True): BackwardConfig(64, 128, 128, 64, 8, 3),
+    ("sm90", 256, True): BackwardConfig(64, 64, 64, 64, 4, 2),
     ("sm90", 64, False): BackwardConfig(32, 64, 64, 32, 4, 2),
     ("sm90", 128, False): BackwardConfig(32, 64, 64, 32, 4, 1),
     ("sm90", 256, False): BackwardConfig(16, 32, 32, 16, 4, 1),
