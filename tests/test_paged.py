@@ -7,11 +7,16 @@ same-dtype eager reference sets the error budget (``oracle.assert_within``).
 
 import contextlib
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from oracle import assert_within
+from triton_on_cpu import interpreter_requested, triton_on_cpu
 
 from inductor_flex import PagedKVCache, create_block_mask, flex_attention
 from inductor_flex.block_mask import full_block_mask
@@ -363,6 +368,54 @@ def test_compiled_prefill_converts_inside_the_graph():
     out = prefill(query, logical)
     check_against_logical("compiled prefill", out, query, keys, values, rows=lengths,
                           score_mod=biased, mask_mod=causal)
+
+
+# --- our Triton kernels, run by Triton's interpreter -------------------------------------------
+
+
+def test_paged_attention_through_triton_interpreter():
+    """Runs the ``interpreted`` tests below in a TRITON_INTERPRET=1 subprocess (it must be set
+    before triton is imported): the real kernels reading pages through the page table."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:logging",
+         f"{Path(__file__).resolve()}", "-k", "interpreted"],
+        env=env, capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parent.parent,
+    )
+    tail = (result.stdout + result.stderr)[-6000:]
+    assert result.returncode == 0, tail
+    assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1], tail
+
+
+@pytest.mark.skipif(not interpreter_requested(), reason="run by test_paged_attention_through_triton_interpreter")
+@pytest.mark.parametrize("page_size", [16, 48])
+def test_interpreted_decode_and_prefill(page_size, monkeypatch):
+    import inductor_flex.lowering.triton_forward as triton_forward
+
+    # One forward config, so nothing is autotuned: what is under test is the kernels' reading
+    # of pages, not Inductor's benchmarking of candidate configs (the GPU tier covers that).
+    configs = triton_forward.forward_configs
+    monkeypatch.setattr(triton_forward, "forward_configs", lambda *a, **k: configs(*a, **k)[:1])
+    lengths = [1, page_size + 1, 2 * page_size + 5]
+    with triton_on_cpu():
+        cache, keys, values = filled_cache(page_size, lengths)
+        alibi = alibi_decode_mods(cache, 4, "cpu")
+        query = torch.randn(3, 4, 1, 16)
+        decode = torch.compile(lambda q: cache.attention(q, cache.decode_block_mask(), score_mod=alibi), fullgraph=True)
+        check_against_logical("interpreted decode", decode(query), query, keys, values, score_mod=alibi)
+
+        longest = max(lengths)
+        query = torch.randn(3, 4, longest, 16)
+        logical = create_block_mask(causal, 1, 1, longest, longest, device="cpu", BLOCK_SIZE=(32, page_size))
+        slopes = torch.rand(4)
+
+        def alibi_prefill(score, b, h, q_idx, kv_idx):
+            return score + slopes[h] * (kv_idx - q_idx)
+
+        prefill = torch.compile(lambda q: cache.attention(
+            q, cache.convert_logical_block_mask(logical, torch.arange(3)), score_mod=alibi_prefill), fullgraph=True)
+        check_against_logical("interpreted prefill", prefill(query), query, keys, values, rows=lengths,
+                              score_mod=alibi_prefill, mask_mod=causal)
 
 
 # --- bad input -----------------------------------------------------------------------------
