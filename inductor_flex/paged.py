@@ -35,10 +35,11 @@ raises if any were (it reads the device, so call it where a sync is acceptable).
 from __future__ import annotations
 
 import random
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
+from .api import flex_attention
 from .block_mask import DEFAULT_BLOCK_SIZE, BlockMask, _ordered_to_dense, noop_mask
 from .mods import MASK_MOD_ARITY, SCORE_MOD_ARITY, check_mod_arity
 
@@ -359,8 +360,9 @@ class PagedKVCache:
         Blocks listed are mapped through the page table; blocks at or past a sequence's
         length (as it is now) are dropped, and full blocks reaching past it become partial,
         so the result alone masks everything the sequence does not hold. The mask_mod sees
-        logical positions. O(B · H · rows · KV blocks) device work, no host sync. A physical
-        mask describes the cache when it was made: make a new one after append or erase.
+        logical positions. O(B · H · rows · n_pages) device work (physical block rows are as
+        wide as the pool), no host sync. A physical mask describes the cache when it was
+        made: make a new one after append or erase.
         """
         if not isinstance(block_mask, BlockMask):
             raise TypeError(f"block_mask must be an inductor_flex.BlockMask, got {type(block_mask).__name__}.")
@@ -472,8 +474,6 @@ class PagedKVCache:
         :meth:`decode_block_mask`); ``score_mod`` sees logical positions. GQA is enabled when
         the head counts differ; other keyword arguments go to ``flex_attention``.
         """
-        from .api import flex_attention  # api imports nothing from here; deferred to keep layers one-way
-
         if not isinstance(block_mask, BlockMask) or block_mask.seq_lengths[1] != self.physical_len:
             raise ValueError(
                 "block_mask must be a physical block mask of this cache (from convert_logical_block_mask "

@@ -381,6 +381,7 @@ def test_paged_attention_through_triton_interpreter():
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:logging",
          f"{Path(__file__).resolve()}", "-k", "interpreted"],
         env=env, capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parent.parent,
+        check=False,
     )
     tail = (result.stdout + result.stderr)[-6000:]
     assert result.returncode == 0, tail
@@ -390,7 +391,7 @@ def test_paged_attention_through_triton_interpreter():
 @pytest.mark.skipif(not interpreter_requested(), reason="run by test_paged_attention_through_triton_interpreter")
 @pytest.mark.parametrize("page_size", [16, 48])
 def test_interpreted_decode_and_prefill(page_size, monkeypatch):
-    import inductor_flex.lowering.triton_forward as triton_forward
+    from inductor_flex.lowering import triton_forward
 
     # One forward config, so nothing is autotuned: what is under test is the kernels' reading
     # of pages, not Inductor's benchmarking of candidate configs (the GPU tier covers that).

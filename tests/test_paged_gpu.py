@@ -152,8 +152,8 @@ def test_reserve_and_erase_never_sync():
 
 def test_benchmark_case_matches_contiguous_decode():
     """The benchmark hook's paged case computes what contiguous decode computes."""
-    from pathlib import Path
     import importlib.util
+    from pathlib import Path
 
     path = Path(__file__).resolve().parent.parent / "benchmarks" / "paged_cases.py"
     spec = importlib.util.spec_from_file_location("paged_cases", path)
