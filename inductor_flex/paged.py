@@ -420,14 +420,27 @@ class PagedKVCache:
             check_mod_arity(mask_mod, MASK_MOD_ARITY, "mask_mod")
         slots = self._slots(batch_idx, self.max_batch_size)
         limit = self.lengths[slots]
-        reaches, whole = self._blocks_within(limit, self.max_pages_per_sequence)
         rows = _cdiv(q_len, q_block_size)
-        shape = (slots.size(0), 1, rows, self.max_pages_per_sequence)
+        # Every row lists the same pages, a prefix of the slot's page table (in logical order),
+        # so the lists are built directly: no compaction, a handful of kernels a step.
+        table = self.page_table[slots]
         if mask_mod is None:
-            partial, full = (reaches & ~whole).expand(shape), whole.expand(shape)
+            full_count = limit // self.page_size
+            last_page = torch.gather(table, 1, torch.clamp(full_count, max=self.max_pages_per_sequence - 1).long().unsqueeze(1))
+            partial_count = (limit % self.page_size != 0).to(torch.int32)
+            full = self._decode_lists(table, full_count, rows)
+            partial = self._decode_lists(last_page, partial_count, rows)
         else:
-            partial, full = reaches.expand(shape), None
-        return self._physical_block_mask(partial, full, slots, limit, q_len, q_block_size, mask_mod or noop_mask)
+            partial = self._decode_lists(table, (limit + self.page_size - 1) // self.page_size, rows)
+            full = (None, None, None, None)
+        kv_num, kv_pages, q_num, q_rows = partial
+        full_num, full_pages, full_q_num, full_q_rows = full
+        return BlockMask(
+            (q_len, self.physical_len),
+            kv_num, kv_pages, full_num, full_pages, q_num, q_rows, full_q_num, full_q_rows,
+            BLOCK_SIZE=(q_block_size, self.page_size),
+            mask_mod=self._physical_mask_mod(mask_mod or noop_mask, slots, limit),
+        )
 
     def get_mask_mod(self, mask_mod: Callable | None = None, batch_idx: torch.Tensor | None = None) -> Callable:
         """mask_mod over physical positions, for query batch ``b`` = slot ``batch_idx[b]``.
@@ -496,6 +509,23 @@ class PagedKVCache:
         start = torch.arange(blocks, device=self.device) * self.page_size
         limit = limit.long().view(-1, 1, 1, 1)
         return start < limit, start + self.page_size <= limit
+
+    def _decode_lists(self, pages: torch.Tensor, count: torch.Tensor, rows: int) -> tuple:
+        """Block lists (kv num, kv indices, q num, q indices) of ``rows`` query-block rows that
+        all list the first ``count[n]`` entries of ``pages[n]`` ([N, width] page ids)."""
+        n, width = pages.shape
+        num_physical = self.n_pages + 1
+        listed = torch.arange(width, device=self.device) < count.unsqueeze(1)
+        kv_pages = torch.cat([torch.where(listed, pages, self.sink_page),
+                              pages.new_full((n, num_physical - width), self.sink_page)], dim=1)
+        kv_pages = kv_pages.to(torch.int32).view(n, 1, 1, num_physical).expand(n, 1, rows, num_physical)
+        kv_num = count.to(torch.int32).view(n, 1, 1).expand(n, 1, rows)
+        # Transposed: a listed page is seen by every row, the others by none.
+        seen = torch.zeros(n, num_physical + 1, dtype=torch.int32, device=self.device)
+        seen.scatter_(1, torch.where(listed, pages, num_physical).long(), rows)
+        q_num = seen[:, :num_physical].view(n, 1, num_physical)
+        q_rows = torch.arange(rows, dtype=torch.int32, device=self.device).expand(n, 1, num_physical, rows)
+        return kv_num.contiguous(), kv_pages.contiguous(), q_num.contiguous(), q_rows.contiguous()
 
     def _physical_block_mask(self, partial, full, slots, limit, q_len, q_block, mask_mod) -> BlockMask:
         """BlockMask over the storage from logical block maps [N, H, rows, blocks]."""

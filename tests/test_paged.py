@@ -18,8 +18,8 @@ import torch
 from oracle import assert_within
 from triton_on_cpu import interpreter_requested, triton_on_cpu
 
-from inductor_flex import PagedKVCache, create_block_mask, flex_attention
-from inductor_flex.block_mask import full_block_mask
+from inductor_flex import PagedKVCache, create_block_mask, flex_attention, noop_mask
+from inductor_flex.block_mask import _ordered_to_dense, full_block_mask
 from inductor_flex.reference import attention_reference
 
 PAGE_SIZES = [16, 32, 48, 100, 128]
@@ -238,7 +238,8 @@ def test_convert_keeps_full_blocks_only_where_whole():
     lists of the physical mask are the page table's pages."""
     page_size = 16
     cache, _, _ = filled_cache(page_size, [40], decode_tail=0, spare_pages=2)
-    logical = full_block_mask(1, 4 * page_size, device="cpu", block_size=(128, page_size))
+    logical = create_block_mask(noop_mask, 1, 1, 1, 4 * page_size, device="cpu", BLOCK_SIZE=(128, page_size))
+    assert logical.full_kv_num_blocks.flatten().tolist() == [4]
     mask = cache.convert_logical_block_mask(logical)
     pages = cache.page_table[0]
     assert mask.full_kv_num_blocks.flatten().tolist() == [2]
@@ -249,6 +250,30 @@ def test_convert_keeps_full_blocks_only_where_whole():
     # Q-direction lists are the transpose: each listed page is seen by the one query row.
     assert mask.q_num_blocks[0, 0, pages[2]] == 1 and mask.full_q_num_blocks[0, 0, pages[:2].long()].tolist() == [1, 1]
     assert int(mask.q_num_blocks.sum()) == 1 and int(mask.full_q_num_blocks.sum()) == 2
+
+
+@pytest.mark.parametrize("q_len,q_block,with_mask_mod", [(1, 128, False), (5, 2, False), (3, 16, True)])
+def test_decode_block_mask_equals_converted_noop_mask(q_len, q_block, with_mask_mod):
+    """decode_block_mask builds its lists directly; they (and their Q-direction transposes)
+    are those of converting the logical all-allowed mask over each sequence."""
+    page_size = 16
+    lengths = lengths_for(page_size)
+    cache, _, _ = filled_cache(page_size, lengths)
+    mask_mod = causal if with_mask_mod else None
+    direct = cache.decode_block_mask(q_len=q_len, q_block_size=q_block, mask_mod=mask_mod)
+    logical = create_block_mask(noop_mask, len(lengths), 1, q_len, max(lengths), device="cpu",
+                                BLOCK_SIZE=(q_block, page_size), separate_full_blocks=not with_mask_mod)
+    converted = cache.convert_logical_block_mask(logical)
+    assert direct.seq_lengths == converted.seq_lengths and direct.BLOCK_SIZE == converted.BLOCK_SIZE
+    for num, idx in [("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices"),
+                     ("q_num_blocks", "q_indices"), ("full_q_num_blocks", "full_q_indices")]:
+        a, b = getattr(direct, num), getattr(converted, num)
+        assert (a is None) == (b is None), num
+        if a is not None:
+            assert torch.equal(a, b), num
+            cols = getattr(direct, idx).size(-1)
+            assert torch.equal(_ordered_to_dense(a, getattr(direct, idx), cols),
+                               _ordered_to_dense(b, getattr(converted, idx), cols)), idx
 
 
 # --- append --------------------------------------------------------------------------------
