@@ -119,12 +119,13 @@ def test_token_path_never_syncs():
     logical = create_block_mask(causal, 1, 1, 64, 800, device="cuda", BLOCK_SIZE=(64, 48))
     batch_idx = torch.tensor([0, 1, 2], device="cuda")
     k_new = torch.randn(3, 2, 1, 64, dtype=torch.bfloat16, device="cuda")
+    num_new = torch.tensor([2, 1, 0], device="cuda")  # made before: a copy from host memory syncs
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(3):
             cache.append(batch_idx, k_new, k_new)
-        rows = cache.extend(batch_idx, 2, num_new=torch.tensor([2, 1, 0], device="cuda"))
+        rows = cache.extend(batch_idx, 2, num_new=num_new)
         cache.write(rows, torch.cat([k_new, k_new], 2), torch.cat([k_new, k_new], 2))
         cache.decode_block_mask(batch_idx)
         cache.convert_logical_block_mask(logical, batch_idx)
