@@ -122,6 +122,8 @@ class PagedKVCache:
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}.")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device is None else torch.device(device)
+        # The device as tensors report it ("cuda:0", not "cuda"), so device checks compare equal.
+        device = torch.empty(0, device=device).device
 
         self.n_pages = n_pages
         self.page_size = page_size
