@@ -70,7 +70,7 @@ def _tanh_nodes(graph, x, form: str):
         sigmoid = call(aten.sigmoid.default, (doubled,))
         scaled = call(aten.mul.Tensor, (sigmoid, 2.0))
         return [call(aten.sub.Tensor, (scaled, 1.0))]
-    clamped = call(aten.clamp.default, (x, -TANH_CLAMP, TANH_CLAMP))
+    clamped = call(aten.clamp_max.default, (call(aten.clamp_min.default, (x, -TANH_CLAMP)), TANH_CLAMP))
     z = call(aten.mul.Tensor, (clamped, clamped))
     numerator = call(aten.mul.Tensor, (clamped, _horner(graph, z, TANH_P)))
     return [call(aten.div.Tensor, (numerator, _horner(graph, z, TANH_Q)))]
