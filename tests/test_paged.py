@@ -445,8 +445,6 @@ def test_interpreted_decode_and_prefill(page_size, monkeypatch):
 
 
 @pytest.mark.skipif(not interpreter_requested(), reason="run by test_paged_attention_through_triton_interpreter")
-@pytest.mark.xfail(reason="forward lowering autotunes with captured tensors in select_algorithm's order, not the "
-                          "kernel's (first-use order, inlined ones dropped): arguments misaligned", strict=False)
 def test_interpreted_prefill_autotuned():
     """As above with the forward's candidate configs benchmarked, the physical mask (and the
     tensors its mask_mod captures) computed inside the compiled graph."""

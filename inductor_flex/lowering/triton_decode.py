@@ -37,7 +37,7 @@ from .triton_forward import (
     _round_head_dim,
     _span,
     _static,
-    _zeros_like_node,
+    autotune_inputs,
     float32_precision,
     lower_subgraphs,
     realize,
@@ -214,11 +214,9 @@ def lower_decode_triton(query, key, value, score_graph, block_mask, scale, kerne
         raise RuntimeError("inductor_flex: no decode kernel configuration could be generated:\n" + "\n".join(errors))
 
     num_blocks_gen, indices_gen = _block_list_inputs(kv_indices, device)
-    input_gen_fns = {5: num_blocks_gen, 6: indices_gen, 7: num_blocks_gen, 8: indices_gen}
-    for position, node in enumerate(captured, start=len(inputs)):
-        if not node.get_dtype().is_floating_point:
-            input_gen_fns[position] = _zeros_like_node
-    out_parts = select_algorithm("inductor_flex_decode", choices, inputs + captured, parts_layout,
+    kernel_inputs, input_gen_fns = autotune_inputs(
+        choices, {5: num_blocks_gen, 6: indices_gen, 7: num_blocks_gen, 8: indices_gen}, first_captured=len(inputs))
+    out_parts = select_algorithm("inductor_flex_decode", choices, kernel_inputs, parts_layout,
                                  input_gen_fns=input_gen_fns)
     # Inductor finds the symbols a template uses through these (dynamic shapes in captures).
     out_parts.data.data.subgraph_inps = list(score_mod_buffers) + list(mask_mod_buffers)

@@ -124,6 +124,22 @@ def _zeros_like_node(node):
     return torch.zeros(sizes, dtype=node.get_dtype(), device=node.get_device())
 
 
+def autotune_inputs(choices, fixed_generators: dict, first_captured: int):
+    """The kernel's own arguments, in its order, and generators for autotuning inputs.
+
+    The template takes the tensors captured by the mods in the order the inlined mods first
+    read them, duplicates removed and inlined constants left out: not the order the lowering
+    collected them in. Benchmarking the choices must use exactly these arguments. Integer
+    captured tensors are index tables: made-up values would index out of range, so zeros.
+    """
+    kernel_inputs = list(choices[0].input_nodes)
+    generators = dict(fixed_generators)
+    for position, node in enumerate(kernel_inputs[first_captured:], start=first_captured):
+        if not node.get_dtype().is_floating_point:
+            generators[position] = _zeros_like_node
+    return kernel_inputs, generators
+
+
 def lower_forward_triton(query, key, value, score_graph, block_mask, scale, kernel_options,
                          score_mod_buffers, mask_mod_buffers):
     (_, _, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
@@ -219,14 +235,10 @@ def lower_forward_triton(query, key, value, score_graph, block_mask, scale, kern
     if not choices:
         raise RuntimeError("inductor_flex: no forward kernel configuration could be generated:\n" + "\n".join(errors))
 
-    inputs = [query, key, value, lse, row_max, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices]
     num_blocks_gen, indices_gen = _block_list_inputs(kv_indices, device)
-    input_gen_fns = {5: num_blocks_gen, 6: indices_gen, 7: num_blocks_gen, 8: indices_gen}
-    for position, node in enumerate(captured, start=len(inputs)):
-        if not node.get_dtype().is_floating_point:
-            input_gen_fns[position] = _zeros_like_node
-    out = select_algorithm("inductor_flex_attention", choices, inputs + captured, layout,
-                           input_gen_fns=input_gen_fns)
+    kernel_inputs, input_gen_fns = autotune_inputs(
+        choices, {5: num_blocks_gen, 6: indices_gen, 7: num_blocks_gen, 8: indices_gen}, first_captured=9)
+    out = select_algorithm("inductor_flex_attention", choices, kernel_inputs, layout, input_gen_fns=input_gen_fns)
     # Inductor finds the symbols a template uses through these (dynamic shapes in captures).
     out.data.data.subgraph_inps = list(score_mod_buffers) + list(mask_mod_buffers)
     out.data.data.subgraph_outs = [*(score_ir if isinstance(score_ir, list) else [score_ir]),
