@@ -24,7 +24,7 @@ KNOWN_OPTIONS = {
     "BACKEND": ("backend", "AUTO (default), TRITON (fused template, error if it cannot run) or DECOMPOSED"),
     "OUTPUT_LOGSUMEXP": ("bool", "accepted for torch compatibility; the lse is always produced"),
     "OUTPUT_MAX": ("bool", "accepted for torch compatibility; max scores are always produced"),
-    "FORCE_USE_FLEX_ATTENTION": ("bool", "accepted for torch compatibility; the decode path is chosen by length"),
+    "FORCE_USE_FLEX_ATTENTION": ("bool", "use the forward template even for short queries (no decode kernel)"),
     "USE_TMA": ("bool", "accepted for torch compatibility; ignored"),
     "WRITE_DQ": ("bool", "accepted for torch compatibility; ignored"),
 }

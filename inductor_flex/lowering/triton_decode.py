@@ -24,7 +24,6 @@ from .._compat.inductor import (
     V,
     concrete_sizes,
     empty_strided,
-    freeze_irnodes,
     inductor_config,
     ir,
     select_algorithm,
@@ -34,13 +33,10 @@ from .configs import decode_configs, decode_splits, fit_tile, sm_count
 from .triton_forward import (
     _block_list_inputs,
     _known_multiple,
-    _round_head_dim,
     _span,
     _static,
     autotune_inputs,
-    float32_precision,
-    lower_subgraphs,
-    realize,
+    prepare_forward_inputs,
     template_source,
 )
 
@@ -111,26 +107,12 @@ def decode_refusals(query, value, block_mask, kernel_options, max_query_len: int
 
 def lower_decode_triton(query, key, value, score_graph, block_mask, scale, kernel_options,
                         score_mod_buffers, mask_mod_buffers):
-    (_, _, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
-     _, _, _, _, sparse_q, sparse_kv, mask_graph) = block_mask
-    options = options_for(kernel_options, "fwd")
-    device = query.get_device()
-
-    score_ir, mask_ir = lower_subgraphs(query, score_graph, mask_graph, score_mod_buffers, mask_mod_buffers,
-                                        fast_math=options.get("FAST_MATH", False))
-    query, key, value, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices = realize(
-        [query, key, value, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices]
-    )
-    score_mod_buffers = realize(score_mod_buffers)
-    mask_mod_buffers = realize(mask_mod_buffers)
-    freeze_irnodes(score_mod_buffers)
-    freeze_irnodes(mask_mod_buffers)
-
-    batch, q_heads, q_len, qk_dim = query.get_size()
-    _, kv_heads, kv_len, v_dim = value.get_size()
-    qk_dim, v_dim = _static(qk_dim), _static(v_dim)
-    q_heads, kv_heads, q_len = _static(q_heads), _static(kv_heads), _static(q_len)
-    sparse_q, sparse_kv = _static(sparse_q), _static(sparse_kv)
+    inp = prepare_forward_inputs(query, key, value, score_graph, block_mask, kernel_options,
+                                 score_mod_buffers, mask_mod_buffers)
+    options, device, query = inp.options, inp.device, inp.query
+    kv_num_blocks, kv_indices = inp.kv_num_blocks, inp.kv_indices
+    batch, q_heads, kv_heads, kv_len = inp.batch, inp.q_heads, inp.kv_heads, inp.kv_len
+    q_len, v_dim, sparse_kv = _static(inp.q_len), inp.v_dim, inp.sparse_kv
     group = q_heads // kv_heads
 
     one_sparse_head = V.graph.sizevars.statically_known_true(sympy.Eq(kv_num_blocks.get_size()[1], 1))
@@ -153,39 +135,25 @@ def lower_decode_triton(query, key, value, score_graph, block_mask, scale, kerne
     lse_parts = empty_strided(stats_size, None, dtype=stats, device=device)
     max_parts = empty_strided(stats_size, None, dtype=stats, device=device)
 
-    has_full_blocks = full_kv_num_blocks is not None
-    if not has_full_blocks:  # the kernel never reads them; it still needs pointers
-        full_kv_num_blocks, full_kv_indices = kv_num_blocks, kv_indices
-
-    qk_rounded, v_rounded = _round_head_dim(qk_dim), _round_head_dim(v_dim)
-    shared = {
-        "SPARSE_Q_BLOCK_SIZE": sparse_q,
-        "SPARSE_KV_BLOCK_SIZE": sparse_kv,
-        "QK_HEAD_DIM": qk_dim,
-        "V_HEAD_DIM": v_dim,
-        "QK_HEAD_DIM_ROUNDED": qk_rounded,
-        "V_HEAD_DIM_ROUNDED": v_rounded,
-        "GQA_SHARED_HEADS": group,
-        "PACKED_HEADS": pack,
-        "HEAD_PROGRAMS": head_programs,
-        "QUERY_LEN": q_len,
-        "ROWS": rows,
-        "SPLITS": splits,
-        "HAS_FULL_BLOCKS": has_full_blocks,
-        "SM_SCALE": scale,
-        "PRESCALE_QK": options.get("PRESCALE_QK", False),
-        "BLOCKS_ARE_CONTIGUOUS": options.get("BLOCKS_ARE_CONTIGUOUS", False),
-        "FLOAT32_PRECISION": float32_precision(),
+    shared = dict(
+        inp.constants(scale),
+        PACKED_HEADS=pack,
+        HEAD_PROGRAMS=head_programs,
+        QUERY_LEN=q_len,
+        ROWS=rows,
+        SPLITS=splits,
         # The shared partials of common.py.jinja are rendered too; they speak of BLOCK_M rows.
-        "BLOCK_M": rows,
-        "ROWS_GUARANTEED_SAFE": False,
-    }
+        BLOCK_M=rows,
+        # A row may see only masked keys inside one split even when the whole row is safe.
+        ROWS_GUARANTEED_SAFE=False,
+    )
+    qk_rounded, v_rounded = shared["QK_HEAD_DIM_ROUNDED"], shared["V_HEAD_DIM_ROUNDED"]
     kv_span = _span(kv_len, sparse_kv)
 
-    captured = [b for b in (*score_mod_buffers, *mask_mod_buffers) if isinstance(b, ir.IRNode)]
     configs = decode_configs(device, query.get_dtype(), rows, qk_rounded, v_rounded,
                              autotune=bool(inductor_config.max_autotune))
-    inputs = [query, key, value, lse_parts, max_parts, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices]
+    inputs = [query, inp.key, inp.value, lse_parts, max_parts, kv_num_blocks, kv_indices,
+              inp.full_kv_num_blocks, inp.full_kv_indices]
     choices, errors = [], []
     for config in configs:
         block_n = options.get("BLOCK_N") or fit_tile(sparse_kv, config.block_n, kv_span)
@@ -201,7 +169,7 @@ def lower_decode_triton(query, key, value, score_graph, block_mask, scale, kerne
             choices=choices,
             input_nodes=inputs,
             layout=parts_layout,
-            subgraphs=[score_ir, mask_ir],
+            subgraphs=[inp.score_ir, inp.mask_ir],
             mutated_inputs=[lse_parts, max_parts],
             call_sizes=query.get_size(),
             num_warps=options.get("num_warps", config.num_warps),
@@ -218,10 +186,7 @@ def lower_decode_triton(query, key, value, score_graph, block_mask, scale, kerne
         choices, {5: num_blocks_gen, 6: indices_gen, 7: num_blocks_gen, 8: indices_gen}, first_captured=len(inputs))
     out_parts = select_algorithm("inductor_flex_decode", choices, kernel_inputs, parts_layout,
                                  input_gen_fns=input_gen_fns)
-    # Inductor finds the symbols a template uses through these (dynamic shapes in captures).
-    out_parts.data.data.subgraph_inps = list(score_mod_buffers) + list(mask_mod_buffers)
-    out_parts.data.data.subgraph_outs = [*(score_ir if isinstance(score_ir, list) else [score_ir]),
-                                         *(mask_ir if isinstance(mask_ir, list) else [mask_ir])]
+    inp.attach_subgraphs(out_parts)
     if splits == 1:
         return out_parts, lse_parts, max_parts
     return _merge_splits(query, out_parts, lse_parts, max_parts, splits, q_len, v_dim, v_rounded)

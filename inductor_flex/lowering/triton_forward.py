@@ -6,6 +6,7 @@ hooks, with the tensors they captured passed as extra kernel inputs.
 """
 
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 import sympy
@@ -140,13 +141,69 @@ def autotune_inputs(choices, fixed_generators: dict, first_captured: int):
     return kernel_inputs, generators
 
 
-def lower_forward_triton(query, key, value, score_graph, block_mask, scale, kernel_options,
-                         score_mod_buffers, mask_mod_buffers):
+@dataclass
+class ForwardInputs:
+    """The forward operator's inputs as the templates need them: realized IR, the mods as IR
+    to inline, static sizes, and the kernel options of the forward direction."""
+
+    options: dict
+    device: torch.device
+    score_ir: object
+    mask_ir: object
+    query: object
+    key: object
+    value: object
+    kv_num_blocks: object
+    kv_indices: object
+    full_kv_num_blocks: object  # the partial lists again when the mask has no full blocks
+    full_kv_indices: object
+    has_full_blocks: bool
+    score_mod_buffers: list
+    mask_mod_buffers: list
+    batch: object
+    q_len: object
+    kv_len: object
+    q_heads: int
+    kv_heads: int
+    qk_dim: int
+    v_dim: int
+    sparse_q: int
+    sparse_kv: int
+
+    @property
+    def captured(self) -> list:
+        return [b for b in (*self.score_mod_buffers, *self.mask_mod_buffers) if isinstance(b, ir.IRNode)]
+
+    def attach_subgraphs(self, out) -> None:
+        """Inductor finds the symbols a template uses through these (dynamic shapes in captures)."""
+        out.data.data.subgraph_inps = list(self.score_mod_buffers) + list(self.mask_mod_buffers)
+        out.data.data.subgraph_outs = [*(self.score_ir if isinstance(self.score_ir, list) else [self.score_ir]),
+                                       *(self.mask_ir if isinstance(self.mask_ir, list) else [self.mask_ir])]
+
+    def constants(self, scale) -> dict:
+        """Template constants shared by the forward and decode kernels."""
+        return {
+            "SPARSE_Q_BLOCK_SIZE": self.sparse_q,
+            "SPARSE_KV_BLOCK_SIZE": self.sparse_kv,
+            "QK_HEAD_DIM": self.qk_dim,
+            "V_HEAD_DIM": self.v_dim,
+            "QK_HEAD_DIM_ROUNDED": _round_head_dim(self.qk_dim),
+            "V_HEAD_DIM_ROUNDED": _round_head_dim(self.v_dim),
+            "GQA_SHARED_HEADS": self.q_heads // self.kv_heads,
+            "HAS_FULL_BLOCKS": self.has_full_blocks,
+            "SM_SCALE": scale,
+            "PRESCALE_QK": self.options.get("PRESCALE_QK", False),
+            "ROWS_GUARANTEED_SAFE": self.options.get("ROWS_GUARANTEED_SAFE", False),
+            "BLOCKS_ARE_CONTIGUOUS": self.options.get("BLOCKS_ARE_CONTIGUOUS", False),
+            "FLOAT32_PRECISION": float32_precision(),
+        }
+
+
+def prepare_forward_inputs(query, key, value, score_graph, block_mask, kernel_options,
+                           score_mod_buffers, mask_mod_buffers) -> ForwardInputs:
     (_, _, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
      _, _, _, _, sparse_q, sparse_kv, mask_graph) = block_mask
     options = options_for(kernel_options, "fwd")
-    device = query.get_device()
-
     score_ir, mask_ir = lower_subgraphs(query, score_graph, mask_graph, score_mod_buffers, mask_mod_buffers,
                                         fast_math=options.get("FAST_MATH", False))
     query, key, value, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices = realize(
@@ -156,12 +213,29 @@ def lower_forward_triton(query, key, value, score_graph, block_mask, scale, kern
     mask_mod_buffers = realize(mask_mod_buffers)
     freeze_irnodes(score_mod_buffers)
     freeze_irnodes(mask_mod_buffers)
+    has_full_blocks = full_kv_num_blocks is not None
+    if not has_full_blocks:  # the kernel never reads them; it still needs pointers
+        full_kv_num_blocks, full_kv_indices = kv_num_blocks, kv_indices
 
     batch, q_heads, q_len, qk_dim = query.get_size()
     _, kv_heads, kv_len, v_dim = value.get_size()
-    qk_dim, v_dim = _static(qk_dim), _static(v_dim)
-    q_heads, kv_heads = _static(q_heads), _static(kv_heads)
-    sparse_q, sparse_kv = _static(sparse_q), _static(sparse_kv)
+    return ForwardInputs(
+        options=options, device=query.get_device(), score_ir=score_ir, mask_ir=mask_ir,
+        query=query, key=key, value=value, kv_num_blocks=kv_num_blocks, kv_indices=kv_indices,
+        full_kv_num_blocks=full_kv_num_blocks, full_kv_indices=full_kv_indices, has_full_blocks=has_full_blocks,
+        score_mod_buffers=score_mod_buffers, mask_mod_buffers=mask_mod_buffers,
+        batch=batch, q_len=q_len, kv_len=kv_len, q_heads=_static(q_heads), kv_heads=_static(kv_heads),
+        qk_dim=_static(qk_dim), v_dim=_static(v_dim), sparse_q=_static(sparse_q), sparse_kv=_static(sparse_kv),
+    )
+
+
+def lower_forward_triton(query, key, value, score_graph, block_mask, scale, kernel_options,
+                         score_mod_buffers, mask_mod_buffers):
+    inp = prepare_forward_inputs(query, key, value, score_graph, block_mask, kernel_options,
+                                 score_mod_buffers, mask_mod_buffers)
+    options, device, query = inp.options, inp.device, inp.query
+    batch, q_heads, q_len, kv_len, v_dim = inp.batch, inp.q_heads, inp.q_len, inp.kv_len, inp.v_dim
+    sparse_q, sparse_kv = inp.sparse_q, inp.sparse_kv
 
     layout = FixedLayout(device, query.get_dtype(), [batch, q_heads, q_len, v_dim],
                          stride=ir.FlexibleLayout.contiguous_strides([batch, q_heads, q_len, v_dim]))
@@ -169,31 +243,12 @@ def lower_forward_triton(query, key, value, score_graph, block_mask, scale, kern
     lse = empty_strided([batch, q_heads, q_len], None, dtype=stats_dtype, device=device)
     row_max = empty_strided([batch, q_heads, q_len], None, dtype=stats_dtype, device=device)
 
-    has_full_blocks = full_kv_num_blocks is not None
-    if not has_full_blocks:  # the kernel never reads them; it still needs pointers
-        full_kv_num_blocks, full_kv_indices = kv_num_blocks, kv_indices
-
-    qk_rounded, v_rounded = _round_head_dim(qk_dim), _round_head_dim(v_dim)
-    shared = {
-        "SPARSE_Q_BLOCK_SIZE": sparse_q,
-        "SPARSE_KV_BLOCK_SIZE": sparse_kv,
-        "QK_HEAD_DIM": qk_dim,
-        "V_HEAD_DIM": v_dim,
-        "QK_HEAD_DIM_ROUNDED": qk_rounded,
-        "V_HEAD_DIM_ROUNDED": v_rounded,
-        "GQA_SHARED_HEADS": q_heads // kv_heads,
-        "HAS_FULL_BLOCKS": has_full_blocks,
-        "SM_SCALE": scale,
-        "PRESCALE_QK": options.get("PRESCALE_QK", False),
-        "ROWS_GUARANTEED_SAFE": options.get("ROWS_GUARANTEED_SAFE", False),
-        "BLOCKS_ARE_CONTIGUOUS": options.get("BLOCKS_ARE_CONTIGUOUS", False),
-        "FLOAT32_PRECISION": float32_precision(),
-    }
+    shared = inp.constants(scale)
+    qk_rounded, v_rounded = shared["QK_HEAD_DIM_ROUNDED"], shared["V_HEAD_DIM_ROUNDED"]
     q_span, kv_span = _span(q_len, sparse_q), _span(kv_len, sparse_kv)
 
-    captured = [b for b in (*score_mod_buffers, *mask_mod_buffers) if isinstance(b, ir.IRNode)]
     configs = forward_configs(device, query.get_dtype(), qk_rounded, v_rounded,
-                              autotune=bool(inductor_config.max_autotune), mods_read_tensors=bool(captured))
+                              autotune=bool(inductor_config.max_autotune), mods_read_tensors=bool(inp.captured))
     choices, errors = [], []
     for config in configs:
         block_m = options.get("BLOCK_M") or fit_tile(sparse_q, config.block_m, q_span)
@@ -219,10 +274,10 @@ def lower_forward_triton(query, key, value, score_graph, block_mask, scale, kern
         )
         error = forward_template().maybe_append_choice(
             choices=choices,
-            input_nodes=[query, key, value, lse, row_max, kv_num_blocks, kv_indices,
-                         full_kv_num_blocks, full_kv_indices],
+            input_nodes=[query, inp.key, inp.value, lse, row_max, inp.kv_num_blocks, inp.kv_indices,
+                         inp.full_kv_num_blocks, inp.full_kv_indices],
             layout=layout,
-            subgraphs=[score_ir, mask_ir],
+            subgraphs=[inp.score_ir, inp.mask_ir],
             mutated_inputs=[lse, row_max],
             call_sizes=query.get_size(),
             # A tile shrunk to fit a small sparse block needs fewer warps.
@@ -235,12 +290,9 @@ def lower_forward_triton(query, key, value, score_graph, block_mask, scale, kern
     if not choices:
         raise RuntimeError("inductor_flex: no forward kernel configuration could be generated:\n" + "\n".join(errors))
 
-    num_blocks_gen, indices_gen = _block_list_inputs(kv_indices, device)
+    num_blocks_gen, indices_gen = _block_list_inputs(inp.kv_indices, device)
     kernel_inputs, input_gen_fns = autotune_inputs(
         choices, {5: num_blocks_gen, 6: indices_gen, 7: num_blocks_gen, 8: indices_gen}, first_captured=9)
     out = select_algorithm("inductor_flex_attention", choices, kernel_inputs, layout, input_gen_fns=input_gen_fns)
-    # Inductor finds the symbols a template uses through these (dynamic shapes in captures).
-    out.data.data.subgraph_inps = list(score_mod_buffers) + list(mask_mod_buffers)
-    out.data.data.subgraph_outs = [*(score_ir if isinstance(score_ir, list) else [score_ir]),
-                                   *(mask_ir if isinstance(mask_ir, list) else [mask_ir])]
+    inp.attach_subgraphs(out)
     return out, lse, row_max
