@@ -156,14 +156,19 @@ def lower_decode_triton(query, key, value, score_graph, block_mask, scale, kerne
               inp.full_kv_num_blocks, inp.full_kv_indices]
     choices, errors = [], []
     for config in configs:
-        block_n = options.get("BLOCK_N") or fit_tile(sparse_kv, config.block_n, kv_span)
+        block_n = options.get("BLOCK_N") or config.block_n
+        # As in the forward: tiles that do not divide the sparse block (pages of 16 ...) gather.
+        gather_kv = sparse_kv % block_n != 0 and kv_span >= sparse_kv
+        if kv_span < sparse_kv and "BLOCK_N" not in options:
+            block_n = fit_tile(sparse_kv, config.block_n, kv_span)
         kv_tile_fits = sparse_kv % block_n == 0 or kv_span < sparse_kv
         meta = dict(
             shared,
             BLOCK_N=block_n,
             KV_TILES_PER_BLOCK=-(-kv_span // block_n),
             KV_TILE_FITS_BLOCK=kv_tile_fits,
-            CHECK_COLS=not (sparse_kv % block_n == 0 and _known_multiple(kv_len, sparse_kv)),
+            GATHER_KV=gather_kv,
+            CHECK_COLS=gather_kv or not (sparse_kv % block_n == 0 and _known_multiple(kv_len, sparse_kv)),
         )
         error = decode_template().maybe_append_choice(
             choices=choices,
