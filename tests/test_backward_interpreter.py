@@ -195,3 +195,15 @@ def test_kernel_options_are_honoured():
     default, _ = _gradients(BY_NAME["alibi"], {})
     for a, b in zip(grads, default):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_padded_row_statistics():
+    """On a GPU Inductor pads the strides of the buffers it lays out (comprehensive padding,
+    off for CPU graphs): DELTA = rowsum(dO * O) reached the kernel as [B, H, L] with padded
+    batch/head strides, and a kernel that assumed it contiguous read other rows and
+    uninitialised padding (garbage dQ on the H100 only). Pad on CPU too, from tiny strides on,
+    so that this shape is padded (float32: strides rounded up to multiples of 32)."""
+    from torch._inductor import config
+
+    with config.patch(disable_padding_cpu=False, comprehensive_padding=True, padding_stride_threshold=16):
+        _run(BY_NAME["noop"], B=2, Hq=2, Hkv=1, L=40, S=24, E=16, Ev=16, block_size=16)
