@@ -119,3 +119,4 @@ def test_generated_code_inlines_mods_and_has_full_block_loop():
 def test_softcap_in_half_precision_uses_the_fast_tanh():
     """fp16/bf16 score_mods get tanh rewritten (2·sigmoid(2x) − 1 off NVIDIA): still accurate."""
     _forward(BY_NAME["softcap"], B=1, Hq=2, Hkv=1, L=40, S=40, E=16, Ev=16, dtype=torch.float16, block_size=16)
+

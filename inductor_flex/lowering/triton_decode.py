@@ -23,7 +23,6 @@ from .._compat.inductor import (
     TritonTemplate,
     V,
     concrete_sizes,
-    empty_strided,
     inductor_config,
     ir,
     select_algorithm,
@@ -36,6 +35,7 @@ from .triton_forward import (
     _span,
     _static,
     autotune_inputs,
+    contiguous_buffer,
     prepare_forward_inputs,
     template_source,
 )
@@ -132,8 +132,8 @@ def lower_decode_triton(query, key, value, score_graph, block_mask, scale, kerne
         parts_size, parts_dtype, stats_size = [batch, q_heads, splits, q_len, v_dim], stats, [batch, q_heads, splits, q_len]
     parts_layout = FixedLayout(device, parts_dtype, parts_size,
                                stride=ir.FlexibleLayout.contiguous_strides(parts_size))
-    lse_parts = empty_strided(stats_size, None, dtype=stats, device=device)
-    max_parts = empty_strided(stats_size, None, dtype=stats, device=device)
+    lse_parts = contiguous_buffer(stats_size, stats, device)
+    max_parts = contiguous_buffer(stats_size, stats, device)
 
     shared = dict(
         inp.constants(scale),
@@ -203,8 +203,8 @@ def _merge_splits(query, out_parts, lse_parts, max_parts, splits, q_len, v_dim, 
     batch, q_heads = query.get_size()[:2]
     out_size = [batch, q_heads, q_len, v_dim]
     layout = FixedLayout(device, query.get_dtype(), out_size, stride=ir.FlexibleLayout.contiguous_strides(out_size))
-    lse = empty_strided([batch, q_heads, q_len], None, dtype=torch.float32, device=device)
-    row_max = empty_strided([batch, q_heads, q_len], None, dtype=torch.float32, device=device)
+    lse = contiguous_buffer([batch, q_heads, q_len], torch.float32, device)
+    row_max = contiguous_buffer([batch, q_heads, q_len], torch.float32, device)
     choices = []
     error = merge_template().maybe_append_choice(
         choices=choices,

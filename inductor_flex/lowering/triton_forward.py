@@ -120,6 +120,12 @@ def _block_list_inputs(reference_indices, device):
     return num_blocks, indices
 
 
+def contiguous_buffer(size, dtype, device):
+    """An output buffer with contiguous strides, fixed: kernels that index it as contiguous
+    (the lse and max rows) must not get a buffer Inductor pads on GPUs."""
+    return empty_strided(size, ir.FlexibleLayout.contiguous_strides(size), dtype=dtype, device=device)
+
+
 def _zeros_like_node(node):
     sizes = concrete_sizes(node.get_size())
     return torch.zeros(sizes, dtype=node.get_dtype(), device=node.get_device())
@@ -240,8 +246,8 @@ def lower_forward_triton(query, key, value, score_graph, block_mask, scale, kern
     layout = FixedLayout(device, query.get_dtype(), [batch, q_heads, q_len, v_dim],
                          stride=ir.FlexibleLayout.contiguous_strides([batch, q_heads, q_len, v_dim]))
     stats_dtype = torch.float32
-    lse = empty_strided([batch, q_heads, q_len], None, dtype=stats_dtype, device=device)
-    row_max = empty_strided([batch, q_heads, q_len], None, dtype=stats_dtype, device=device)
+    lse = contiguous_buffer([batch, q_heads, q_len], stats_dtype, device)
+    row_max = contiguous_buffer([batch, q_heads, q_len], stats_dtype, device)
 
     shared = inp.constants(scale)
     qk_rounded, v_rounded = shared["QK_HEAD_DIM_ROUNDED"], shared["V_HEAD_DIM_ROUNDED"]
