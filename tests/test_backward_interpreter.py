@@ -207,3 +207,17 @@ def test_padded_row_statistics():
 
     with config.patch(disable_padding_cpu=False, comprehensive_padding=True, padding_stride_threshold=16):
         _run(BY_NAME["noop"], B=2, Hq=2, Hkv=1, L=40, S=24, E=16, Ev=16, block_size=16)
+
+
+def test_row_summed_captured_gradients_are_refused_in_low_precision():
+    """slopes[h] gets its gradient as row sums of ds, which nearly cancel; DELTA from the
+    rounded bf16 output leaves a residue per row, far above eager's error on the H100. The
+    template refuses (an error under bwd_BACKEND='TRITON'; the decomposition under AUTO)."""
+    buffers = BY_NAME["alibi"].make_buffers(1, 2, 32, 32, "cpu")
+    buffers["slopes"].requires_grad_(True)
+    score_mod, _ = BY_NAME["alibi"].build(buffers)
+    q, k, v = (torch.randn(1, 2, 32, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    compiled = torch.compile(flex_attention, fullgraph=True)
+    out = compiled(q, k, v, score_mod=score_mod, kernel_options={"bwd_BACKEND": "TRITON"})
+    with pytest.raises(Exception, match="row sums"):
+        out.sum().backward()

@@ -10,6 +10,8 @@ fallback, and nothing is warned.
 
 import warnings
 
+import torch
+
 from ..kernel_options import options_for
 from .forward import runs_triton, template_refusals
 
@@ -29,10 +31,17 @@ def backward_refusals(query, value, block_mask, joint_graph, score_mod_buffers):
         reasons.append(f"mixed dtypes {query.get_dtype()}/{value.get_dtype()}")
     plan = None
     if not reasons:
-        from .triton_backward import plan_captured_grads
+        from .triton_backward import PER_ROW, PER_TILE, plan_captured_grads
 
         plan, plan_reasons = plan_captured_grads(_graph_module(joint_graph), score_mod_buffers)
         reasons += plan_reasons
+        if plan is not None and query.get_dtype() in (torch.float16, torch.bfloat16) and any(
+                term.kind in (PER_TILE, PER_ROW) for term in plan.terms):
+            # Such a gradient sums ds over whole rows, where the true sum nearly cancels; the
+            # kernel's DELTA comes from the rounded fp16/bf16 output, so each row leaves a
+            # rounding residue (measured on the H100: 3x to 10^4x the eager error).
+            reasons.append("a captured tensor indexed without kv_idx (slopes[h], bias[b, h], row_bias[h, q_idx]) "
+                           f"gets its gradient as row sums, not accurate enough in {query.get_dtype()}")
     return reasons, plan
 
 
