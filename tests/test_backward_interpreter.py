@@ -146,7 +146,7 @@ def test_captured_tensor_gradients(variant):
 
 
 def test_half_precision():
-    _run(BY_NAME["relative_position"], B=1, Hq=2, Hkv=2, L=32, S=32, E=16, Ev=16, dtype=torch.float16,
+    _run(BY_NAME["sliding_window"], B=1, Hq=2, Hkv=2, L=32, S=32, E=16, Ev=16, dtype=torch.float16,
          block_size=16)
 
 
@@ -219,5 +219,5 @@ def test_row_summed_captured_gradients_are_refused_in_low_precision():
     q, k, v = (torch.randn(1, 2, 32, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     compiled = torch.compile(flex_attention, fullgraph=True)
     out = compiled(q, k, v, score_mod=score_mod, kernel_options={"bwd_BACKEND": "TRITON"})
-    with pytest.raises(Exception, match="row sums"):
+    with pytest.raises(Exception, match="not accurate enough"):
         out.sum().backward()
