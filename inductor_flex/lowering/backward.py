@@ -8,14 +8,10 @@ On a device for which Inductor generates C++ (the CPU) the decomposition is the 
 fallback, and nothing is warned.
 """
 
-import warnings
-
 import torch
 
 from ..kernel_options import options_for
-from .forward import runs_triton, template_refusals
-
-_warned = set()
+from .forward import explain_decomposition, template_refusals
 
 
 def _graph_module(subgraph):
@@ -56,17 +52,8 @@ def lower_backward(query, key, value, out, lse, grad_out, grad_lse, score_graph,
         from .triton_backward import lower_backward_triton
 
         return lower_backward_triton(*args, plan)
-    if backend == "TRITON":
-        raise RuntimeError("inductor_flex: BACKEND='TRITON' cannot run the backward here: " + "; ".join(reasons))
-    gpu_reasons = reasons if runs_triton(query.get_device()) else []
-    if gpu_reasons and tuple(gpu_reasons) not in _warned:
-        _warned.add(tuple(gpu_reasons))
-        warnings.warn(
-            "inductor_flex: the fused backward kernel cannot run (" + "; ".join(gpu_reasons) + "); using the "
-            "query-chunked decomposition compiled by Inductor instead, which is slower. Pass "
-            "kernel_options={'bwd_BACKEND': 'DECOMPOSED'} to choose it explicitly.",
-            stacklevel=2,
-        )
+    explain_decomposition(backend, reasons, query.get_device(), "backward", "bwd_BACKEND",
+                          forced_error="BACKEND='TRITON' cannot run the backward here")
     from .decomposed import lower_backward_decomposed
 
     return lower_backward_decomposed(*args)

@@ -43,6 +43,23 @@ def template_refusals(query, value) -> list[str]:
 _warned = set()
 
 
+def explain_decomposition(backend, reasons, device, direction: str, option: str, forced_error: str) -> None:
+    """Before the decomposition replaces a refused template: a forced TRITON raises the reasons;
+    AUTO on a GPU warns once per set of reasons. On a C++ device the decomposition is the
+    design, not a fallback: nothing to say."""
+    if backend == "TRITON":
+        raise RuntimeError(f"inductor_flex: {forced_error}: " + "; ".join(reasons))
+    gpu_reasons = reasons if runs_triton(device) else []
+    if gpu_reasons and (direction, tuple(gpu_reasons)) not in _warned:
+        _warned.add((direction, tuple(gpu_reasons)))
+        warnings.warn(
+            f"inductor_flex: the fused {direction} kernel cannot run (" + "; ".join(gpu_reasons) + "); using the "
+            "query-chunked decomposition compiled by Inductor instead, which is slower. Pass "
+            f"kernel_options={{'{option}': 'DECOMPOSED'}} to choose it explicitly.",
+            stacklevel=3,
+        )
+
+
 def lower_forward(query, key, value, score_graph, block_mask, scale, kernel_options,
                   score_mod_buffers, mask_mod_buffers):
     backend = options_for(kernel_options, "fwd").get("BACKEND", "AUTO")
@@ -56,18 +73,8 @@ def lower_forward(query, key, value, score_graph, block_mask, scale, kernel_opti
         from .triton_forward import lower_forward_triton
 
         return lower_forward_triton(*args)
-    if backend == "TRITON":
-        raise RuntimeError("inductor_flex: BACKEND='TRITON' cannot run here: " + "; ".join(reasons))
-    # On a C++ device the decomposition is the design, not a fallback: nothing to warn about.
-    gpu_reasons = reasons if runs_triton(query.get_device()) else []
-    if gpu_reasons and tuple(gpu_reasons) not in _warned:
-        _warned.add(tuple(gpu_reasons))
-        warnings.warn(
-            "inductor_flex: the fused forward kernel cannot run (" + "; ".join(gpu_reasons) + "); using the "
-            "query-chunked decomposition compiled by Inductor instead, which is slower. Pass "
-            "kernel_options={'BACKEND': 'DECOMPOSED'} to choose it explicitly.",
-            stacklevel=2,
-        )
+    explain_decomposition(backend, reasons, query.get_device(), "forward", "BACKEND",
+                          forced_error="BACKEND='TRITON' cannot run here")
     from .decomposed import lower_forward_decomposed
 
     return lower_forward_decomposed(*args)

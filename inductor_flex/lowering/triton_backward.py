@@ -30,7 +30,6 @@ any realistic gradient. Plain stores (one-to-one indices) are deterministic alre
 import copy
 import functools
 import hashlib
-import operator
 from dataclasses import dataclass
 
 import sympy
