@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from inductor_flex import PagedKVCache, create_block_mask, flex_attention
+from inductor_flex import AuxRequest, PagedKVCache, create_block_mask, flex_attention
 
 DEVICE = "cuda"
 
@@ -61,7 +61,9 @@ def forward_cases():
         def alibi(score, b, h, q_idx, kv_idx):
             return score + slopes[h] * (kv_idx - q_idx)
 
-        out, lse = compiled()(q, k, v, score_mod=alibi, block_mask=mask, enable_gqa=True, return_lse=True)
+        out, aux = compiled()(q, k, v, score_mod=alibi, block_mask=mask, enable_gqa=True,
+                              return_aux=AuxRequest(lse=True))
+        lse = aux.lse
         check(f"forward L{L} S{S} E{E} Ev{Ev} block {block} {dtype}", out, lse)
 
 
