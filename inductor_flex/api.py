@@ -12,16 +12,18 @@ Two paths reach the forward operator:
 """
 
 import math
+import numbers
 import warnings
 from typing import NamedTuple
 
 import torch
 
 from ._compat.dynamo import disable_cache_limit, is_dynamo_supported, mark_static
-from .block_mask import BlockMask, full_block_mask
+from .block_mask import BlockMask, _sliced_mask_mod_unavailable, full_block_mask
 from .kernel_options import validate_kernel_options
 from .mods import MASK_MOD_ARITY, SCORE_MOD_ARITY, check_mod_arity, identity_score_mod
 from .ops import flex_attention_op
+from .reference import working_dtype
 
 
 class AuxRequest(NamedTuple):
@@ -41,7 +43,7 @@ class AuxOutput(NamedTuple):
 def _validate_tensors(query, key, value, enable_gqa):
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}; pass a (B, H, L, E) tensor")
         if t.is_nested:
             raise ValueError(f"{name} is a nested tensor; pad it into a dense (B, H, L, E) tensor")
         if t.dim() != 4:
@@ -50,7 +52,10 @@ def _validate_tensors(query, key, value, enable_gqa):
                 "add missing dims with unsqueeze (e.g. x.unsqueeze(1) for a single head)"
             )
         if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+            raise TypeError(
+                f"{name} must be a floating-point tensor, got dtype {t.dtype}; convert it with "
+                ".to(torch.bfloat16), .half() or .float()"
+            )
     if not (query.dtype == key.dtype == value.dtype):
         raise TypeError(
             f"query, key and value must share one dtype, got {query.dtype}, {key.dtype}, {value.dtype}; "
@@ -64,11 +69,17 @@ def _validate_tensors(query, key, value, enable_gqa):
     if key.shape[:3] != value.shape[:3]:
         raise ValueError(
             f"key {tuple(key.shape)} and value {tuple(value.shape)} must agree on batch, heads and "
-            "sequence length (only their last dim may differ)"
+            "sequence length (only their last dim may differ); pass the key and value of the same tokens"
         )
     if query.size(-1) != key.size(-1):
         raise ValueError(
-            f"query and key must have the same head dim (E), got {query.size(-1)} and {key.size(-1)}"
+            f"query and key must have the same head dim (E), got {query.size(-1)} and {key.size(-1)}; "
+            "project them to one head dim (only value's may differ)"
+        )
+    if query.size(-1) == 0:
+        raise ValueError(
+            "query and key have head dim E=0: a score is a dot product over E, so there is nothing "
+            "to attend with; give them a head dim E >= 1"
         )
     batch_q, batch_kv = query.size(0), key.size(0)
     if batch_kv not in (batch_q, 1):
@@ -77,16 +88,42 @@ def _validate_tensors(query, key, value, enable_gqa):
             "broadcast over it)"
         )
     heads_q, heads_kv = query.size(1), key.size(1)
+    if heads_kv == 0 and heads_q != 0:
+        raise ValueError(
+            f"key/value have 0 heads but query has {heads_q}; give key/value at least one head"
+        )
     if not enable_gqa and heads_q != heads_kv:
         raise ValueError(
             f"query has {heads_q} heads but key/value have {heads_kv}; pass enable_gqa=True for "
             "grouped-query attention"
         )
-    if enable_gqa and (heads_kv == 0 or heads_q % heads_kv != 0):
+    if enable_gqa and heads_kv != 0 and heads_q % heads_kv != 0:
         raise ValueError(
             f"with enable_gqa=True the number of query heads ({heads_q}) must be a multiple of the "
-            f"number of key/value heads ({heads_kv})"
+            f"number of key/value heads ({heads_kv}); repeat key/value heads "
+            "(e.g. key.repeat_interleave(n, dim=1)) or change the head counts"
         )
+
+
+def _validate_scale(scale, head_dim):
+    """The softmax scale: ``1/sqrt(head_dim)`` for None, else a finite real number as a float."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, (torch.SymInt, torch.SymFloat)):
+        return scale  # traced under dynamic shapes: not a value to check here
+    # Real numbers (numpy scalars included) convert exactly; a tensor would need a device sync.
+    is_number = isinstance(scale, (int, float)) or (
+        isinstance(scale, numbers.Real) and not isinstance(scale, torch.Tensor)
+    )
+    if isinstance(scale, bool) or not is_number:
+        raise TypeError(
+            f"scale must be a Python float or None, got {type(scale).__name__}; pass a number "
+            "(for a 0-d tensor: scale.item())"
+        )
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}; pass a finite float (or None for 1/sqrt(head_dim))")
+    return scale
 
 
 def _validate_block_mask(block_mask, query, key):
@@ -94,6 +131,15 @@ def _validate_block_mask(block_mask, query, key):
         raise TypeError(
             f"block_mask must be an inductor_flex.BlockMask (from create_block_mask), got "
             f"{type(block_mask).__name__}"
+        )
+    # Only tensors read here before are read (kv_num_blocks, q_indices): the order in which a
+    # compiled graph first reads its inputs is their order in the graph.
+    if block_mask.kv_num_blocks.dim() != 3:
+        raise ValueError(
+            f"block_mask must have [B, H, rows, cols] block lists, got kv_num_blocks of shape "
+            f"{tuple(block_mask.kv_num_blocks.shape)}; build it with "
+            "create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN) (B or H None for 1), or give "
+            "BlockMask.from_kv_blocks 4-D kv_indices"
         )
     q_len, kv_len = query.size(-2), key.size(-2)
     mask_q_len, mask_kv_len = block_mask.seq_lengths
@@ -125,6 +171,60 @@ def _validate_block_mask(block_mask, query, key):
             "block_mask has no Q-direction block lists (q_indices); build it with "
             "BlockMask.from_kv_blocks(..., compute_q_blocks=True) or create_block_mask"
         )
+    q_block, kv_block = block_mask.BLOCK_SIZE
+    rows, cols = block_mask.kv_num_blocks.size(-1), block_mask.q_indices.size(-2)
+    if rows * q_block < q_len or cols * kv_block < kv_len:
+        raise ValueError(
+            f"block_mask's lists cover {rows}x{cols} blocks of {q_block}x{kv_block}, fewer than its "
+            f"lengths {q_len}/{kv_len} need; give BlockMask.from_kv_blocks one row per query block and "
+            "one column per key block (or seq_lengths that match them)"
+        )
+    if block_mask.mask_mod is _sliced_mask_mod_unavailable:
+        raise ValueError(
+            "block_mask was sliced along its query blocks (or with a tensor), which drops its mask_mod; "
+            "assign one for the slice: `sliced.mask_mod = my_mask_mod_for_the_slice`"
+        )
+
+
+def _validate_return_aux(return_aux):
+    if return_aux is not None and not isinstance(return_aux, AuxRequest):
+        raise TypeError(
+            f"return_aux must be an AuxRequest or None, got {type(return_aux).__name__}; "
+            "pass e.g. return_aux=AuxRequest(lse=True)"
+        )
+
+
+def _is_empty(query, key, value) -> bool:
+    """No score to compute: an empty batch, no heads, no queries or no keys (static under Dynamo:
+    sizes 0 and 1 are always specialised)."""
+    return query.size(0) == 0 or query.size(1) == 0 or query.size(2) == 0 or key.size(2) == 0
+
+
+def _attention_without_scores(query, key, value):
+    """What attention gives when nothing is scored, as torch's SDPA: rows with no key attended
+    are 0 (lse and max -inf); meta tensors get the shapes only.
+
+    Written with zero-size slices of the inputs, so autograd gives q, k and v gradients (zero
+    or empty, never NaN) like any other call.
+    """
+    anchor = sum(t.narrow(-1, 0, 0).sum() for t in (query, key, value))
+    batch, heads, q_len = query.shape[:3]
+    stats_dtype = working_dtype(query.dtype)
+    out = query.new_zeros(batch, heads, q_len, value.size(-1)) + anchor
+    lse = query.new_full((batch, heads, q_len), -math.inf, dtype=stats_dtype) + anchor.to(stats_dtype)
+    max_scores = query.new_full((batch, heads, q_len), -math.inf, dtype=stats_dtype)
+    return out, lse, max_scores
+
+
+def _results(out, lse, max_scores, return_aux, return_lse):
+    if return_aux is not None:
+        return out, AuxOutput(
+            lse=lse if return_aux.lse else None,
+            max_scores=max_scores if return_aux.max_scores else None,
+        )
+    if return_lse:
+        return out, lse
+    return out
 
 
 def _call_operator(query, key, value, score_mod, block_mask, scale, kernel_options):
@@ -181,8 +281,12 @@ def flex_attention(
     if checking_arity:
         check_mod_arity(score_mod, SCORE_MOD_ARITY, "score_mod")
     if kernel_options is not None and not isinstance(kernel_options, dict):
-        raise TypeError(f"kernel_options must be a dict or None, got {type(kernel_options).__name__}")
+        raise TypeError(
+            f"kernel_options must be a dict or None, got {type(kernel_options).__name__}; "
+            "pass e.g. kernel_options={'BLOCK_M': 64}"
+        )
     validate_kernel_options(kernel_options or {})
+    _validate_return_aux(return_aux)
     options = dict(kernel_options or {})
     if block_mask is None:
         block_mask = full_block_mask(query.size(-2), key.size(-2), device=query.device)
@@ -191,16 +295,15 @@ def flex_attention(
     _validate_block_mask(block_mask, query, key)
     if checking_arity:
         check_mod_arity(block_mask.mask_mod, MASK_MOD_ARITY, "mask_mod")
-    if scale is None:
-        scale = 1.0 / math.sqrt(query.size(-1))
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a Python float or None, got {type(scale).__name__}")
+    scale = _validate_scale(scale, query.size(-1))
     if return_lse and return_aux is not None:
         raise ValueError("pass either return_lse=True or return_aux=AuxRequest(...), not both")
     if return_lse:
         warnings.warn(
             "return_lse is deprecated; use return_aux=AuxRequest(lse=True)", FutureWarning, stacklevel=2
         )
+    if _is_empty(query, key, value) or query.device.type == "meta":
+        return _results(*_attention_without_scores(query, key, value), return_aux, return_lse)
     args = (query, key, value, score_mod, block_mask.as_tuple(), float(scale), options)
 
     if torch.compiler.is_dynamo_compiling():

@@ -165,7 +165,23 @@ def _normalize_block_size(block_size) -> tuple[int, int]:
 
 def _check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        raise ValueError(
+            f"{name} must be a positive int, got {value!r}; pass a Python int >= 1 (B and H may be "
+            "None for 1; empty inputs need no mask: call flex_attention with block_mask=None)."
+        )
+
+
+def _as_device(device) -> torch.device:
+    """``device`` as a torch.device (None: CUDA when available, else CPU), or a ValueError."""
+    if device is None:
+        return _default_device()
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(
+            f"device {device!r} is not a device ({error}); pass e.g. device='cuda', 'cpu' or "
+            "query.device."
+        ) from None
 
 
 def _ordered_to_dense(num_blocks: torch.Tensor, indices: torch.Tensor, num_cols: int) -> torch.Tensor:
@@ -205,6 +221,29 @@ def _check_block_list(name: str, num_blocks, indices) -> None:
         raise ValueError(
             f"{name}_num_blocks must have shape {tuple(indices.shape[:-1])} (the shape of "
             f"{name}_indices without its last dimension), got {tuple(num_blocks.shape)}."
+        )
+
+
+def _check_block_values(name: str, num_blocks: torch.Tensor, indices: torch.Tensor) -> None:
+    """Counts in [0, cols] and every index entry (listed or padding) a block id in [0, cols).
+
+    Kernels trust these values: out of range they read out of bounds (an illegal memory access
+    on a GPU). Checked for CPU tensors outside torch.compile only; elsewhere reading the values
+    would wait on the device, so build hand-made masks on the CPU and move them with .to().
+    """
+    if num_blocks.device.type != "cpu" or torch.compiler.is_compiling() or indices.numel() == 0:
+        return
+    cols = indices.shape[-1]
+    if bool((num_blocks < 0).any()) or bool((num_blocks > cols).any()):
+        raise ValueError(
+            f"{name}_num_blocks holds counts from {int(num_blocks.min())} to {int(num_blocks.max())}, "
+            f"outside [0, {cols}] (the number of block columns); a row lists at most every block once."
+        )
+    if bool((indices < 0).any()) or bool((indices >= cols).any()):
+        raise ValueError(
+            f"{name}_indices holds block ids from {int(indices.min())} to {int(indices.max())}, outside "
+            f"[0, {cols}); every entry, listed or padding, must be a block id: pad unused slots "
+            "with ids in range (e.g. 0)."
         )
 
 
@@ -294,6 +333,9 @@ class BlockMask:
             full_kv_num_blocks = full_kv_num_blocks.to(torch.int32)
             full_kv_indices = full_kv_indices.to(torch.int32)
         kv_num_blocks, kv_indices = kv_num_blocks.to(torch.int32), kv_indices.to(torch.int32)
+        _check_block_values("kv", kv_num_blocks, kv_indices)
+        if full_kv_num_blocks is not None:
+            _check_block_values("full_kv", full_kv_num_blocks, full_kv_indices)
         q_block, kv_block = _normalize_block_size(BLOCK_SIZE)
         if seq_lengths is None:
             seq_lengths = (kv_indices.shape[-2] * q_block, kv_indices.shape[-1] * kv_block)
@@ -398,6 +440,14 @@ class BlockMask:
         Each character pair summarises a group of blocks so the picture fits ``grid_size``
         (rows, cols); ``grid_size=-1`` draws every block. At most ``limit`` pictures.
         """
+        sizes = (grid_size,) if grid_size == -1 or isinstance(grid_size, int) else tuple(grid_size)
+        if grid_size != -1 and not (
+            len(sizes) in (1, 2) and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes)
+        ):
+            raise ValueError(
+                f"grid_size must be a positive int, a (rows, cols) pair of positive ints or -1 (every "
+                f"block), got {grid_size!r}; e.g. to_string(grid_size=(20, 40))."
+            )
         computed = self.to_dense()
         full = torch.zeros_like(computed)
         if self.full_kv_num_blocks is not None:
@@ -466,7 +516,7 @@ class BlockMask:
         if len(index) > min(3, leading_dims):
             raise IndexError(
                 f"BlockMask indexing takes at most {min(3, leading_dims)} indices "
-                "(batch, head, query block), got {len(index)}."
+                f"(batch, head, query block), got {len(index)}."
             )
         index = tuple(_keep_dim(i, n) for i, n in zip(index, self.kv_num_blocks.shape))
 
@@ -742,7 +792,9 @@ def create_block_mask(
             "backward needs no dQ write-order metadata; drop the argument."
         )
     if not isinstance(dq_kv_order, bool):
-        raise ValueError(f"dq_kv_order must be a bool, got {type(dq_kv_order).__name__}.")
+        raise ValueError(
+            f"dq_kv_order must be a bool, got {type(dq_kv_order).__name__}; pass True or False (it is unused)."
+        )
     if _compile:
         warnings.warn(
             "create_block_mask(_compile=True) is deprecated and ignored; to compile mask "
@@ -750,7 +802,7 @@ def create_block_mask(
             DeprecationWarning,
             stacklevel=2,
         )
-    device = _default_device() if device is None else torch.device(device)
+    device = _as_device(device)
 
     any_map, all_map = _block_any_all(mask_mod, B, H, Q_LEN, KV_LEN, q_block, kv_block, device)
     if separate_full_blocks:
@@ -810,7 +862,7 @@ def create_mask(
     H = 1 if H is None else H
     for name, value in (("B", B), ("H", H), ("Q_LEN", Q_LEN), ("KV_LEN", KV_LEN)):
         _check_positive_int(name, value)
-    device = _default_device() if device is None else torch.device(device)
+    device = _as_device(device)
     b, h = torch.arange(B, device=device), torch.arange(H, device=device)
     q_idx, kv_idx = torch.arange(Q_LEN, device=device), torch.arange(KV_LEN, device=device)
     if is_score_mod:

@@ -29,6 +29,7 @@ from ._compat.dynamo import (
 )
 from ._compat.hop import TransformGetItemToIndex
 from .lowering import register_lowerings
+from .mods import MASK_MOD_ARITY, RETURN_HINT, SCORE_MOD_ARITY, check_mod_arity, check_mod_output
 from .source_version import with_source_version
 
 _GRAPH_BREAK_FIX = (
@@ -37,6 +38,22 @@ _GRAPH_BREAK_FIX = (
     "libraries. Use torch.where(cond, a, b) for branches and index captured tensors with the "
     "index arguments (e.g. bias[h, q_idx])."
 )
+
+
+class CaptureTypeError(UncapturedHigherOrderOpError, TypeError):
+    """A mod found wrong while capturing it (e.g. it returns the wrong dtype). Still a TypeError
+    for the caller: Dynamo lets this error class through unwrapped, with or without fullgraph
+    (other exceptions raised here would become an InternalTorchDynamoError)."""
+
+
+class CaptureValueError(UncapturedHigherOrderOpError, ValueError):
+    """Like CaptureTypeError, a ValueError (e.g. a mod returns the wrong shape)."""
+
+
+def _example_value(variable):
+    """The value a traced VariableTracker stands for (a fake tensor for tensors)."""
+    proxy = variable if isinstance(variable, torch.fx.Proxy) else getattr(variable, "as_proxy", lambda: variable)()
+    return proxy.node.meta.get("example_value") if isinstance(proxy, torch.fx.Proxy) else proxy
 
 
 class FlexAttentionVariable(TorchHigherOrderOperatorVariable):
@@ -61,6 +78,14 @@ class FlexAttentionVariable(TorchHigherOrderOperatorVariable):
             else:
                 example_args = indices
 
+        # Under Dynamo flex_attention() cannot inspect the mod: check its arity here.
+        function = getattr(mod, "fn", None)
+        if callable(function):
+            try:
+                check_mod_arity(function, SCORE_MOD_ARITY if role == "score_mod" else MASK_MOD_ARITY, role)
+            except TypeError as error:
+                raise CaptureTypeError(str(error)) from None
+
         try:
             with TransformGetItemToIndex():
                 (_output, _spec), graph, lifted = speculate_subgraph(
@@ -73,10 +98,25 @@ class FlexAttentionVariable(TorchHigherOrderOperatorVariable):
                     set_subgraph_inputs="flatten_manual",
                 )
         except Unsupported as error:
-            raise UncapturedHigherOrderOpError(
+            if "output" in str(error) and "must consist of tensors" in str(error):  # e.g. a Python float
+                message = f"{role} must return a tensor, not a Python number; {RETURN_HINT[role]}"
+                raise CaptureTypeError(message) from error
+            raise CaptureTypeError(
                 f"inductor_flex could not capture {role}: {error}\n" + _GRAPH_BREAK_FIX.format(role=role)
             ) from error
 
+        # Checked at capture, before any lowering or kernel sees a wrong dtype or shape.
+        try:
+            check_mod_output(role, _example_value(_output), ())
+        except TypeError as error:
+            raise CaptureTypeError(str(error)) from None
+        except ValueError as error:
+            raise CaptureValueError(str(error)) from None
+        if role == "mask_mod" and any(getattr(_example_value(p), "requires_grad", False) for p in lifted):
+            raise CaptureValueError(
+                "a tensor captured by mask_mod requires grad; masks are not differentiable: "
+                "detach it (`t.detach()`), or move the learnable part into score_mod."
+            )
         name = tx.output.install_subgraph(role, torch.fx.GraphModule(tx.output.nn_modules, graph))
         return make_attr(tx, name), tuple(lifted)
 

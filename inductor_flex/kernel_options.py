@@ -4,12 +4,14 @@ Validated eagerly in ``flex_attention()`` so a typo fails at the call with the r
 deep inside a compile. Keys may carry a ``fwd_`` or ``bwd_`` prefix to apply to one direction.
 """
 
+import difflib
+
 BACKENDS = ("AUTO", "TRITON", "DECOMPOSED")
 
 # name -> (kind, meaning)
 KNOWN_OPTIONS = {
-    "BLOCK_M": ("tile", "query rows per program (power of two >= 16)"),
-    "BLOCK_N": ("tile", "key/value columns per inner step (power of two >= 16)"),
+    "BLOCK_M": ("tile", "query rows per program"),
+    "BLOCK_N": ("tile", "key/value columns per inner step"),
     "BLOCK_M1": ("tile", "backward: query rows per dK/dV step"),
     "BLOCK_N1": ("tile", "backward: key/value rows per dK/dV program"),
     "BLOCK_M2": ("tile", "backward: query rows per dQ program"),
@@ -27,6 +29,15 @@ KNOWN_OPTIONS = {
     "FORCE_USE_FLEX_ATTENTION": ("bool", "use the forward template even for short queries (no decode kernel)"),
     "USE_TMA": ("bool", "accepted for torch compatibility; ignored"),
     "WRITE_DQ": ("bool", "accepted for torch compatibility; ignored"),
+    "kpack": ("int", "ROCm tuning knob, accepted for torch compatibility; ignored"),
+    "matrix_instr_nonkdim": ("int", "ROCm tuning knob, accepted for torch compatibility; ignored"),
+    "waves_per_eu": ("int", "ROCm tuning knob, accepted for torch compatibility; ignored"),
+}
+
+# torch's BACKEND values that inductor_flex has no separate kernel for, and what to pass instead.
+TORCH_ONLY_BACKENDS = {
+    "TRITON_DECODE": "pass 'TRITON': it runs the decode kernel for short queries by itself",
+    "FLASH": "pass 'TRITON' (inductor_flex has no FlashAttention/cute-dsl kernel)",
 }
 
 
@@ -37,28 +48,49 @@ def _strip_direction(name: str) -> str:
     return name
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def validate_kernel_options(options: dict) -> None:
     """Raise ValueError/TypeError naming the bad option and what would be accepted."""
     for name, value in options.items():
         if not isinstance(name, str):
-            raise TypeError(f"kernel_options keys must be strings, got {name!r}")
+            raise TypeError(f"kernel_options keys must be strings, got {name!r}; e.g. {{'BLOCK_M': 64}}")
         base = _strip_direction(name)
         if base not in KNOWN_OPTIONS:
+            by_case = {known.lower(): known for known in KNOWN_OPTIONS}
+            close = [by_case[base.lower()]] if base.lower() in by_case else difflib.get_close_matches(
+                base, KNOWN_OPTIONS, n=1
+            )
+            hint = f"did you mean {close[0]!r}? " if close else ""
             known = ", ".join(sorted(KNOWN_OPTIONS))
-            raise ValueError(f"unknown kernel option {name!r}; known options (optionally fwd_/bwd_ prefixed): {known}")
+            raise ValueError(
+                f"unknown kernel option {name!r}; {hint}known options (optionally fwd_/bwd_ prefixed): {known}"
+            )
         kind, meaning = KNOWN_OPTIONS[base]
         if kind == "tile":
-            if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1):
-                raise ValueError(f"kernel option {name}={value!r} must be a power of two >= 16 ({meaning})")
+            if not _is_int(value) or value < 16 or value & (value - 1):
+                raise ValueError(
+                    f"kernel option {name}={value!r} must be a power of two >= 16 ({meaning}), e.g. 64"
+                )
         elif kind == "warps":
-            if isinstance(value, bool) or value not in (1, 2, 4, 8, 16):
-                raise ValueError(f"kernel option {name}={value!r} must be one of 1, 2, 4, 8, 16")
+            if not _is_int(value) or value not in (1, 2, 4, 8, 16):
+                raise ValueError(f"kernel option {name}={value!r} must be one of 1, 2, 4, 8, 16 (an int)")
         elif kind == "stages":
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"kernel option {name}={value!r} must be an int >= 1")
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"kernel option {name}={value!r} must be an int >= 1, e.g. 3")
+        elif kind == "int":
+            if not _is_int(value):
+                raise TypeError(f"kernel option {name}={value!r} must be an int ({meaning})")
         elif kind == "bool":
             if not isinstance(value, bool):
                 raise TypeError(f"kernel option {name}={value!r} must be True or False ({meaning})")
+        elif kind == "backend" and value in TORCH_ONLY_BACKENDS:
+            raise ValueError(
+                f"kernel option {name}={value!r} is torch's, not a backend of inductor_flex: "
+                + TORCH_ONLY_BACKENDS[value]
+            )
         elif kind == "backend" and value not in BACKENDS:
             raise ValueError(
                 f"kernel option {name}={value!r} is not a backend of inductor_flex; choose one of {BACKENDS}"

@@ -31,7 +31,9 @@ def _check_states(outputs, lses):
                             f"{type(out).__name__} and {type(lse).__name__}")
         if not out.is_floating_point() or not lse.is_floating_point():
             raise TypeError(f"state {i}: outputs and lses must be floating point, got {out.dtype} and {lse.dtype}")
-        if out.dim() < 1 or tuple(out.shape[:-1]) != tuple(lse.shape):
+        if out.dim() < 1:
+            raise ValueError(f"state {i}: outputs must have a last (value) dim, got a 0-d tensor; pass [..., L, Ev] outputs")
+        if tuple(out.shape[:-1]) != tuple(lse.shape):
             raise ValueError(
                 f"state {i}: lse must have the output's shape without its last (value) dim: output "
                 f"{tuple(out.shape)} needs lse {tuple(out.shape[:-1])}, got {tuple(lse.shape)}"

@@ -5,6 +5,7 @@ A mod is written for one (b, h, q_idx, kv_idx) point of scalar tensors. The refe
 unlike plain broadcasting, keeps the per-point semantics for every op a mod may use.
 """
 
+import contextlib
 import inspect
 from typing import Callable
 
@@ -42,29 +43,80 @@ def vmap_over_bhqkv(fn: Callable, prefix: tuple, suffix: tuple = (), out_dims=0)
     return fn
 
 
-def evaluate_mask_mod(mask_mod, b, h, q_idx, kv_idx, buffers=()):
-    """mask_mod over the grid b × h × q_idx × kv_idx, as a bool tensor [B, H, Q, KV]."""
-    grid_fn = vmap_over_bhqkv(mask_mod, prefix=(), suffix=(None,) * len(buffers))
-    with TransformGetItemToIndex():
-        allowed = grid_fn(b, h, q_idx, kv_idx, *buffers)
-    if allowed.dtype != torch.bool:
+RETURN_HINT = {
+    "score_mod": "return an expression of `score` (e.g. `score + bias[h]`).",
+    "mask_mod": "return a comparison of the index tensors (e.g. `q_idx >= kv_idx`).",
+}
+
+
+def check_mod_output(role: str, value, expected_shape: tuple) -> None:
+    """Raise a TypeError/ValueError naming the fix unless ``value`` is what ``role`` must return:
+    a floating-point score (score_mod) or a bool (mask_mod) per position, ``expected_shape``
+    in all (``()`` for one traced position, the grid's shape for a vmapped evaluation)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{role} must return a tensor, but it returned a {type(value).__name__}; {RETURN_HINT[role]}")
+    if role == "score_mod" and not value.is_floating_point():
         raise TypeError(
-            f"mask_mod must return a bool tensor, but it returned dtype {allowed.dtype}; "
+            f"score_mod must return a floating-point score, but it returned dtype {value.dtype}; "
+            "return an expression of `score` (e.g. `score + bias[h]`)."
+        )
+    if role == "mask_mod" and value.dtype != torch.bool:
+        raise TypeError(
+            f"mask_mod must return a bool tensor, but it returned dtype {value.dtype}; "
             "return a comparison (e.g. `q_idx >= kv_idx`) or cast with `.bool()`."
         )
+    if tuple(value.shape) != tuple(expected_shape):
+        per_position = tuple(value.shape[len(expected_shape):]) if value.dim() > len(expected_shape) else "?"
+        raise ValueError(
+            f"{role} must return one value per position (a 0-d tensor), but it returned shape "
+            f"{per_position} per position; reduce it to one element: index captured tensors with "
+            "every index they vary over (e.g. `bias[h, q_idx]`), and do not unsqueeze or expand."
+        )
+
+
+def _returning_a_tensor(mod: Callable, role: str) -> Callable:
+    """``mod``, raising our TypeError when it returns a non-tensor (vmap's own error names
+    a fix that does not apply: out_dims)."""
+
+    def checked(*args):
+        value = mod(*args)
+        if not isinstance(value, torch.Tensor):
+            check_mod_output(role, value, ())
+        return value
+
+    return checked
+
+
+@contextlib.contextmanager
+def _vmap_errors_name_the_fix(role: str):
+    """vmap refuses Python control flow on tensor values and .item(): say what to write instead."""
+    try:
+        yield
+    except RuntimeError as error:
+        if not str(error).startswith("vmap:"):
+            raise
+        raise TypeError(
+            f"{role} must be a pure tensor function of its index arguments, evaluated for many "
+            f"positions at once ({error}); use torch.where(cond, a, b) instead of Python if/while "
+            "on tensor values, and no .item() or .tolist()."
+        ) from error
+
+
+def evaluate_mask_mod(mask_mod, b, h, q_idx, kv_idx, buffers=()):
+    """mask_mod over the grid b × h × q_idx × kv_idx, as a bool tensor [B, H, Q, KV]."""
+    grid_fn = vmap_over_bhqkv(_returning_a_tensor(mask_mod, "mask_mod"), prefix=(), suffix=(None,) * len(buffers))
+    with TransformGetItemToIndex(), _vmap_errors_name_the_fix("mask_mod"):
+        allowed = grid_fn(b, h, q_idx, kv_idx, *buffers)
+    check_mod_output("mask_mod", allowed, (b.numel(), h.numel(), q_idx.numel(), kv_idx.numel()))
     return allowed.expand(b.numel(), h.numel(), q_idx.numel(), kv_idx.numel())
 
 
 def evaluate_score_mod(score_mod, scores, b, h, q_idx, kv_idx, buffers=()):
     """score_mod applied to every entry of ``scores`` [B, H, Q, KV]."""
-    grid_fn = vmap_over_bhqkv(score_mod, prefix=(0,), suffix=(None,) * len(buffers))
-    with TransformGetItemToIndex():
+    grid_fn = vmap_over_bhqkv(_returning_a_tensor(score_mod, "score_mod"), prefix=(0,), suffix=(None,) * len(buffers))
+    with TransformGetItemToIndex(), _vmap_errors_name_the_fix("score_mod"):
         modified = grid_fn(scores, b, h, q_idx, kv_idx, *buffers)
-    if not modified.is_floating_point():
-        raise TypeError(
-            f"score_mod must return a floating-point score, but it returned dtype {modified.dtype}; "
-            "return an expression of `score` (e.g. `score + bias[h]`)."
-        )
+    check_mod_output("score_mod", modified, tuple(scores.shape))
     return modified
 
 
@@ -85,15 +137,11 @@ def positional_arity(fn: Callable) -> int | None:
 
 def check_mod_arity(fn: Callable, expected: int, role: str) -> None:
     """Raise a TypeError naming the expected signature when ``fn`` has the wrong arity."""
+    signature = "score_mod(score, b, h, q_idx, kv_idx)" if role == "score_mod" else "mask_mod(b, h, q_idx, kv_idx)"
     if not callable(fn):
-        raise TypeError(f"{role} must be callable, got {type(fn).__name__}")
+        raise TypeError(f"{role} must be callable, got {type(fn).__name__}; pass a function `{signature}`")
     arity = positional_arity(fn)
     if arity is not None and arity != expected:
-        signature = (
-            "score_mod(score, b, h, q_idx, kv_idx)"
-            if role == "score_mod"
-            else "mask_mod(b, h, q_idx, kv_idx)"
-        )
         raise TypeError(
             f"{role} takes {arity} positional arguments but must take {expected}: "
             f"define it as `{signature}`."

@@ -227,7 +227,7 @@ def _backward_autograd(*args):
     # query .. grad_lse and the score_mod buffers are the differentiable inputs.
     differentiable = (*args[:7], *args[12])
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in differentiable):
-        raise RuntimeError(
+        raise NotImplementedError(
             "inductor_flex does not support double backward (gradients of gradients) of flex_attention; "
             "call backward without create_graph=True."
         )

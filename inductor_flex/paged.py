@@ -40,7 +40,7 @@ from collections.abc import Callable
 import torch
 
 from .api import flex_attention
-from .block_mask import DEFAULT_BLOCK_SIZE, BlockMask, _ordered_to_dense, noop_mask
+from .block_mask import DEFAULT_BLOCK_SIZE, BlockMask, _as_device, _ordered_to_dense, noop_mask
 from .mods import MASK_MOD_ARITY, SCORE_MOD_ARITY, check_mod_arity
 
 __all__ = ["PagedKVCache"]
@@ -52,7 +52,7 @@ def _cdiv(a: int, b: int) -> int:
 
 def _check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        raise ValueError(f"{name} must be a positive int, got {value!r}; pass an int >= 1.")
 
 
 def _compact(listed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,8 +120,8 @@ class PagedKVCache:
                             ("num_layers", num_layers), ("max_pages_per_sequence", max_pages_per_sequence)):
             _check_positive_int(name, value)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}.")
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device is None else torch.device(device)
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}; e.g. dtype=torch.bfloat16.")
+        device = _as_device(device)
         # The device as tensors report it ("cuda:0", not "cuda"), so device checks compare equal.
         device = torch.empty(0, device=device).device
 
@@ -238,6 +238,10 @@ class PagedKVCache:
             raise ValueError(f"batch_idx {batch_idx} is outside [0, max_batch_size={self.max_batch_size}).")
         return batch_idx
 
+    def _check_layer(self, layer) -> None:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < len(self.keys):
+            raise ValueError(f"layer must be an int in [0, num_layers={len(self.keys)}), got {layer!r}.")
+
     def check_no_dropped_tokens(self) -> None:
         """Raise if any append went past a slot's reserved capacity. Reads the device (syncs)."""
         dropped = self.dropped_tokens.cpu()
@@ -304,6 +308,7 @@ class PagedKVCache:
 
     def write(self, rows: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, layer: int = 0) -> None:
         """Store ``k_new``/``v_new`` ``[N, Hkv, T, D]`` at the rows :meth:`extend` returned. No sync."""
+        self._check_layer(layer)
         key_store, value_store = self.keys[layer], self.values[layer]
         for name, new, store in (("k_new", k_new, key_store), ("v_new", v_new, value_store)):
             if not isinstance(new, torch.Tensor) or new.dim() != 4:
@@ -378,10 +383,11 @@ class PagedKVCache:
         if kv_len > self.max_pages_per_sequence * self.page_size:
             raise ValueError(
                 f"the logical block mask has KV_LEN={kv_len}, longer than a sequence of this cache can be "
-                f"({self.max_pages_per_sequence} pages of {self.page_size})."
+                f"({self.max_pages_per_sequence} pages of {self.page_size}); make the cache with a larger "
+                "max_pages_per_sequence, or the mask for a shorter KV_LEN."
             )
         if block_mask.kv_indices.dim() != 4:
-            raise ValueError(f"the logical block mask must have 4-D kv_indices [B, H, rows, blocks], got {tuple(block_mask.kv_indices.shape)}.")
+            raise ValueError(f"the logical block mask must have 4-D kv_indices [B, H, rows, blocks], got {tuple(block_mask.kv_indices.shape)}; make it with create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN).")
         if block_mask.kv_indices.device != self.device:
             raise ValueError(f"the logical block mask is on {block_mask.kv_indices.device}, the cache on {self.device}; use block_mask.to({str(self.device)!r}).")
         mask_batch, heads, rows, blocks = block_mask.kv_indices.shape
@@ -500,6 +506,7 @@ class PagedKVCache:
                 f"batch is {query.size(0)}; a physical mask cannot broadcast over sequences: make it with "
                 "one slot per query (batch_idx with one entry per query batch)."
             )
+        self._check_layer(layer)
         kwargs.setdefault("enable_gqa", query.size(1) != self.num_kv_heads)
         return flex_attention(query, self.keys[layer], self.values[layer],
                               score_mod=self.get_score_mod(score_mod), block_mask=block_mask, **kwargs)

@@ -48,7 +48,7 @@ def explain_decomposition(backend, reasons, device, direction: str, option: str,
     AUTO on a GPU warns once per set of reasons. On a C++ device the decomposition is the
     design, not a fallback: nothing to say."""
     if backend == "TRITON":
-        raise RuntimeError(f"inductor_flex: {forced_error}: " + "; ".join(reasons))
+        raise NotImplementedError(f"inductor_flex: {forced_error}: " + "; ".join(reasons))
     gpu_reasons = reasons if runs_triton(device) else []
     if gpu_reasons and (direction, tuple(gpu_reasons)) not in _warned:
         _warned.add((direction, tuple(gpu_reasons)))
