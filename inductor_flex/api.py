@@ -11,6 +11,7 @@ Two paths reach the forward operator:
   and without that they would silently get no gradient.
 """
 
+import contextlib
 import math
 import numbers
 import warnings
@@ -18,8 +19,9 @@ from typing import NamedTuple
 
 import torch
 
-from ._compat.dynamo import disable_cache_limit, is_dynamo_supported, mark_static
+from ._compat.dynamo import compiler_stance, disable_cache_limit, is_dynamo_supported, mark_static
 from .block_mask import BlockMask, _sliced_mask_mod_unavailable, full_block_mask
+from .compile_check import warn_if_uncompiled
 from .kernel_options import validate_kernel_options
 from .mods import MASK_MOD_ARITY, SCORE_MOD_ARITY, check_mod_arity, identity_score_mod
 from .ops import flex_attention_op
@@ -315,8 +317,14 @@ def flex_attention(
     else:
         if not is_dynamo_supported():
             raise RuntimeError("inductor_flex needs torch.compile (Dynamo), which this Python does not support")
-        # Each new score_mod is a new compile; the cache limit must not turn them into eager runs.
-        with disable_cache_limit():
+        # Not what a torch.compile user asked for (recompile limit), or unfused on a GPU: say so.
+        warn_if_uncompiled(query.device)
+        # The capture below is what gives closure tensors their gradients, so it must run
+        # whatever the user's compiler stance ("force_eager" would skip it silently, a
+        # "fail_on_recompile" would fail on a new score_mod); and each new score_mod is a new
+        # capture, so the cache limit must not turn them into uncaptured runs either.
+        stance = contextlib.nullcontext() if compiler_stance() == "default" else torch.compiler.set_stance("default")
+        with stance, disable_cache_limit():
             out, lse, max_scores = _eager_operator()(*args)
 
     if return_aux is not None:

@@ -128,3 +128,36 @@ def concrete_sizes(exprs) -> list[int]:
 
 
 __all__ += ["concrete_sizes", "make_pointwise", "ops"]
+
+
+def symint_for(expr):
+    """A SymInt of the compiling graph's ShapeEnv standing for the sympy size ``expr`` (its
+    hint the example value), for tracing code that must stay symbolic in that graph's sizes."""
+    hint = concrete_sizes([expr])[0]
+    return V.graph.sizevars.shape_env.create_symintnode(expr, hint=hint)
+
+
+def guard_true(condition) -> None:
+    """Guard the compiled graph on a sympy ``condition`` over its sizes (a call breaking it
+    recompiles); the condition must hold at the example sizes."""
+    if not V.graph.sizevars.shape_env.evaluate_expr(condition):
+        raise AssertionError(f"inductor_flex: guard {condition} is false at the example sizes")
+
+
+__all__ += ["guard_true", "symint_for"]
+
+
+def loaded_positions(length, device):
+    """``arange(length)`` (int64) as a realized buffer that consumers load from memory.
+
+    Inductor inlines a computed buffer that reads nothing (an ``arange``) into its consumers
+    (``ComputedBuffer.make_loader``), turning it back into index arithmetic; a buffer marked
+    mutated is exempt, which is all the mark does here (the buffer has no other users)."""
+    node = ir.Pointwise.create(device=device, dtype=_torch.int64,
+                               inner_fn=lambda index: ops.index_expr(index[0], _torch.int64), ranges=[length])
+    node.realize()
+    V.graph.mark_buffer_mutated(node.get_name())
+    return node
+
+
+__all__ += ["loaded_positions"]

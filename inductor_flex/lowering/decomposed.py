@@ -1,7 +1,7 @@
 """The query-chunked decomposition of attention, compiled by Inductor (the CPU path).
 
 Used for the forward where Inductor generates C++ (``forward.py`` chooses) and for the backward
-on every device until the fused backward template lands.
+where the fused backward template refuses.
 
 How it works
 ------------
@@ -11,23 +11,51 @@ How it works
    graphs (the backward vmaps the joint graph, as ``attention_backward_reference`` does);
    softmax in the working dtype (float32, float64 for float64 inputs).
 2. It is traced with ``make_fx`` on fake tensors shaped like the IR inputs, with Inductor's
-   decomposition table, into an FX graph of aten ops. ``flex_lib.zeros_and_scatter`` (how the
-   joint graph returns the gradient of an indexed captured tensor; under vmap it already covers
-   every position of the chunk) is decomposed into ``zeros().index_put(accumulate=True)``.
+   decomposition table, into an FX graph of aten ops. The fakes live in the fake mode of the
+   graph being compiled and carry its symbolic sizes (SymInts of its ShapeEnv), so a size the
+   math reads becomes a ``sym_size`` node that lowers back to the graph's own expression.
+   ``flex_lib.zeros_and_scatter`` (how the joint graph returns the gradient of an indexed
+   captured tensor; under vmap it already covers every position of the chunk) is decomposed
+   into ``zeros().index_put(accumulate=True)``.
 3. That graph's nodes are lowered one by one into the graph Inductor is compiling
    (``_compat.inline_graph_module``), exactly as if they had been in the user's graph: the
    ``bmm``s become extern kernels and the score_mod / mask / softmax / joint-graph pointwise
    work and reductions are fused into generated C++ kernels. No eager call survives.
 
-Memory: a chunk holds a few ``[B, Hq, rows, S]`` tensors (scores, probabilities; the backward
-also dP and dS), never the full ``[B, H, L, S]`` score matrix, and Inductor's buffer reuse gives
-each chunk the buffers of the one before. The chunks are unrolled in the traced graph, so their
-number is bounded: ``rows = max(CHUNK_ELEMENTS // (B·Hq·S), ceil(L / MAX_CHUNKS), 1)`` rows a
-chunk, so one chunk holds at most ``max(CHUNK_ELEMENTS, B·Hq·S·ceil(L / MAX_CHUNKS))`` scores:
-16 MiB of float32 until ``L·S`` outgrows ``MAX_CHUNKS·CHUNK_ELEMENTS / (B·Hq)``, then 1/16 of
-the full matrix. Each chunk compiles its own C++ kernels (the chunk's first row is a constant
-in them), so compile time grows with the number of chunks: about a second a kernel, one
-kernel a chunk forward and one backward (measured on 2 cores).
+Chunks and memory
+-----------------
+A chunk holds a few ``[B, Hq, rows, S]`` tensors (scores, probabilities; the backward also dP
+and dS), never the full ``[B, H, L, S]`` score matrix, and Inductor's buffer reuse gives each
+chunk the buffers of the one before. The chunks are unrolled in the traced graph, so their
+number is bounded by ``MAX_CHUNKS``; each chunk compiles its own C++ kernels (about a second a
+kernel on 2 cores), so compile time grows with their number.
+
+- Static sizes: ``rows = max(CHUNK_ELEMENTS // (B·Hq·S), ceil(L / MAX_CHUNKS), 1)`` rows a
+  chunk (``chunk_ranges``), the last chunk shorter: one chunk holds at most
+  ``max(CHUNK_ELEMENTS, B·Hq·S·ceil(L / MAX_CHUNKS))`` scores, 16 MiB of float32 until ``L·S``
+  outgrows ``MAX_CHUNKS·CHUNK_ELEMENTS / (B·Hq)``, then 1/16 of the full matrix.
+- Symbolic sizes (``torch.compile(dynamic=True)``, ``mark_dynamic``): the graph must serve
+  every length without a recompile, so the number of chunks ``N`` is fixed at compile time and
+  the chunk length is symbolic: ``rows = ceil(L / N)``. The query rows (and, in the backward,
+  grad_out / grad_lse rows) are zero-padded to ``N·rows`` (fewer than N extra rows); padded rows
+  are masked out entirely (their mods see ``q_idx = 0``, a valid index) and cut from the
+  results. ``N`` (``chunk_count``) is the smallest power of two for which one chunk of the
+  sizes at compile time holds at most ``CHUNK_ELEMENTS`` scores, at most ``MAX_CHUNKS``. Below
+  ``MAX_CHUNKS`` the graph is guarded on ``B·Hq·L·S <= N·CHUNK_ELEMENTS``, which keeps every
+  chunk it runs within the same 16 MiB: a call that outgrows it recompiles once into the next
+  power of two (at most log2(MAX_CHUNKS) = 4 such recompiles as sizes grow, none as they
+  shrink or vary below the bound); at ``MAX_CHUNKS`` there is no guard and a chunk is 1/16 of
+  the full matrix, as with static sizes.
+
+Everything else stays symbolic. Specialised are only the block sizes (Dynamo may pass them as
+SymInts; they are guarded to their values, a new block size recompiles) and, by design, heads
+and head dims (``api.py`` marks them static). Captured SymInts (Dynamo lifts them with
+``dynamic=True``) are traced as symbolic inputs, not specialised. The remaining guards are
+inequalities that hold for every practical size: the chunk length ``ceil(L / N)`` is at least 2
+(tracing the chunk views asks), and Inductor's C++ code generator, not this module, guards
+each symbolic reduction on being above or below 4096 elements (it switches to a cascaded sum
+there): a softmax over ``S`` keys guards ``S <= 4096`` when compiled below, so crossing 4096 keys
+recompiles once.
 
 Gradients of captured tensors: the joint graph returns them through
 ``flex_lib.zeros_and_scatter``; under vmap that already sums over every position of the chunk.
@@ -38,12 +66,6 @@ graph, summed here; one read both whole and indexed is refused (NotImplementedEr
 Where the graph reads a buffer gradient the lowering returns an IR node (zeros if the joint
 graph has none), where it does not, None.
 
-Shapes: every size the decomposition needs is specialised with
-``V.graph.sizevars.guard_int`` (the chunk ranges are Python ints in the traced graph), so
-under ``torch.compile(dynamic=True)`` the compiled graph is guarded on these sizes and a new
-size recompiles; data (block masks, captured tensors) stays dynamic. Captured SymInts are
-specialised the same way.
-
 Mods are evaluated with vmap; an operation without a batching rule would make vmap unroll one
 call per grid point into the trace, so that raises NotImplementedError naming the operation.
 """
@@ -52,12 +74,23 @@ import copy
 import functools
 import math
 import operator
+from dataclasses import dataclass
 
 import sympy
 import torch
 
 from .._compat.hop import FakeTensorMode, TransformGetItemToIndex, detect_fake_mode, make_fx
-from .._compat.inductor import V, inline_graph_module, ir, select_decomp_table, vmap_fallback_disabled
+from .._compat.inductor import (
+    V,
+    concrete_sizes,
+    guard_true,
+    inline_graph_module,
+    ir,
+    loaded_positions,
+    select_decomp_table,
+    symint_for,
+    vmap_fallback_disabled,
+)
 from ..mods import evaluate_mask_mod, evaluate_score_mod, joint_outputs_per_position, vmap_over_bhqkv
 from ..reference import (
     FULL_KV_INDICES,
@@ -80,8 +113,13 @@ MAX_CHUNKS = 16
 # ---------------------------------------------------------------- sizes and chunking
 
 
+def _is_symbolic(expr) -> bool:
+    return isinstance(expr, sympy.Expr) and bool(expr.free_symbols)
+
+
 def _static(expr) -> int:
-    """An int size; a symbolic one is specialised (and guarded) to its current value."""
+    """An int size; a symbolic one is specialised (and guarded) to its current value. Used only
+    for the block sizes, which are Python ints in every BlockMask."""
     if isinstance(expr, sympy.Expr):
         return int(V.graph.sizevars.guard_int(expr))
     return int(expr)
@@ -89,9 +127,9 @@ def _static(expr) -> int:
 
 def chunk_ranges(batch: int, heads: int, q_len: int, kv_len: int, chunk_elements: int | None = None,
                  max_chunks: int | None = None) -> list:
-    """[(start, stop), ...] query-row ranges: about ``chunk_elements`` scores a chunk
-    (default ``CHUNK_ELEMENTS``), at most ``max_chunks`` chunks (default ``MAX_CHUNKS``); all
-    chunks the same size but the last."""
+    """Static sizes: [(start, stop), ...] query-row ranges: about ``chunk_elements`` scores a
+    chunk (default ``CHUNK_ELEMENTS``), at most ``max_chunks`` chunks (default ``MAX_CHUNKS``);
+    all chunks the same size but the last."""
     chunk_elements = CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
     max_chunks = MAX_CHUNKS if max_chunks is None else max_chunks
     if q_len <= 0:
@@ -101,30 +139,78 @@ def chunk_ranges(batch: int, heads: int, q_len: int, kv_len: int, chunk_elements
     return [(lo, min(lo + rows, q_len)) for lo in range(0, q_len, rows)]
 
 
+def chunk_count(batch: int, heads: int, q_len: int, kv_len: int, chunk_elements: int | None = None,
+                max_chunks: int | None = None) -> int:
+    """Symbolic sizes: the number of chunks for a graph compiled at these (example) sizes: the
+    smallest power of two keeping one chunk within ``chunk_elements`` scores, at most
+    ``max_chunks``."""
+    chunk_elements = CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
+    max_chunks = MAX_CHUNKS if max_chunks is None else max_chunks
+    count = 1
+    while count < max_chunks and batch * heads * q_len * kv_len > count * chunk_elements:
+        count *= 2
+    return count
+
+
+@dataclass(frozen=True)
+class _Chunking:
+    """How the query rows are cut: fixed ranges (static sizes) or ``count`` chunks of a
+    symbolic ``ceil(L / count)`` rows over zero-padded rows (symbolic sizes)."""
+
+    static_ranges: tuple | None
+    count: int
+
+    def ranges(self, q_len):
+        """(chunk bounds, padded length) for the traced query length (an int or a SymInt)."""
+        if self.static_ranges is not None:
+            return list(self.static_ranges), q_len
+        rows = (q_len + (self.count - 1)) // self.count
+        return [(i * rows, (i + 1) * rows) for i in range(self.count)], rows * self.count
+
+
+def _chunking(batch, heads: int, q_len, kv_len) -> _Chunking:
+    """The chunking for these IR sizes; symbolic sizes add the one guard that bounds memory."""
+    if not any(_is_symbolic(s) for s in (batch, q_len, kv_len)):
+        return _Chunking(tuple(chunk_ranges(int(batch), heads, int(q_len), int(kv_len))), 0)
+    hint_batch, hint_q, hint_kv = concrete_sizes([batch, q_len, kv_len])
+    count = chunk_count(hint_batch, heads, hint_q, hint_kv)
+    if count < MAX_CHUNKS:
+        # True at the example sizes by construction; sizes that break it recompile into more
+        # chunks instead of running chunks over the memory budget.
+        total = sympy.sympify(batch) * heads * sympy.sympify(q_len) * sympy.sympify(kv_len)
+        guard_true(sympy.Le(total, count * CHUNK_ELEMENTS))
+    return _Chunking(None, count)
+
+
 # ---------------------------------------------------------------- the traced math
 
 
 _TENSOR = object()  # a buffer slot filled by a traced tensor input
+_SYMBOL = object()  # a buffer slot filled by a traced symbolic int (a captured SymInt)
 
 
 class _Problem:
-    """Static description of one call: sizes, block sizes, mods, chunking."""
+    """What one call fixes at compile time: heads, block sizes, mods, chunking, broadcasting.
+    Sizes that may be symbolic are read from the traced tensors instead."""
 
-    def __init__(self, query, key, value, block_mask, scale, score_graph, buffer_slots,
-                 n_score_buffers, has_full):
-        self.batch, self.q_heads, self.q_len, self.qk_dim = query
-        self.kv_batch, self.kv_heads, self.kv_len, _ = key
-        self.v_dim = value[-1]
+    def __init__(self, query, key, block_mask, scale, score_graph, buffer_slots, n_score_buffers, has_full):
+        batch, q_heads, q_len, _ = query
+        kv_batch, kv_heads, kv_len, _ = key
+        self.q_heads, self.kv_heads = _static(q_heads), _static(kv_heads)
         self.group = self.q_heads // self.kv_heads
         self.q_block = block_mask[Q_BLOCK_SIZE]
         self.kv_block = block_mask[KV_BLOCK_SIZE]
         self.mask_mod = block_mask[MASK_MOD]
         self.score_mod = score_graph
         self.scale = scale
-        self.buffer_slots = buffer_slots  # score_mod then mask_mod buffers: _TENSOR or an int
+        self.buffer_slots = buffer_slots  # score_mod then mask_mod buffers: _TENSOR, _SYMBOL or a constant
         self.n_score_buffers = n_score_buffers
         self.has_full = has_full
-        self.ranges = chunk_ranges(self.batch, self.q_heads, self.q_len, self.kv_len)
+        # Keys/values of batch 1 under a larger (or symbolic) query batch; the API guarantees
+        # that a key batch other than 1 is the query batch.
+        known = V.graph.sizevars.statically_known_true
+        self.broadcast_kv = known(sympy.Eq(kv_batch, 1)) and not known(sympy.Eq(batch, 1))
+        self.chunking = _chunking(batch, self.q_heads, q_len, kv_len)
 
 
 def _block_map(num_blocks, indices, num_kv_blocks):
@@ -137,12 +223,15 @@ def _block_map(num_blocks, indices, num_kv_blocks):
 
 
 class _Setup:
-    """What every chunk shares: working-dtype K/V laid out for bmm, index ranges, block maps."""
+    """What every chunk shares: sizes, working-dtype K/V laid out for bmm, index ranges, block
+    maps, the chunk bounds."""
 
-    def __init__(self, p: _Problem, query, key, value, sparse, mask_mod_buffers):
+    def __init__(self, p: _Problem, query, key, value, kv_positions, sparse, mask_mod_buffers):
         self.p = p
         self.compute = working_dtype(query.dtype)
         device = query.device
+        self.batch, _, self.q_len, self.qk_dim = query.shape
+        self.kv_len, self.v_dim = key.size(2), value.size(-1)
         kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices = sparse
         num_kv_blocks = kv_indices.size(-1)
         self.partial_map = _block_map(kv_num_blocks, kv_indices, num_kv_blocks)
@@ -150,45 +239,73 @@ class _Setup:
             _block_map(full_kv_num_blocks, full_kv_indices, num_kv_blocks) if p.has_full else None
         )
         # [B·Hkv, S, X]: a broadcast key/value batch is expanded once, not per chunk.
-        rows = p.batch * p.kv_heads
-        self.key = key.to(self.compute).expand(p.batch, -1, -1, -1).reshape(rows, p.kv_len, p.qk_dim)
-        self.value = value.to(self.compute).expand(p.batch, -1, -1, -1).reshape(rows, p.kv_len, p.v_dim)
-        self.b = torch.arange(p.batch, device=device)
+        rows = self.batch * p.kv_heads
+        self.key = key.to(self.compute).expand(self.batch, -1, -1, -1).contiguous().view(rows, self.kv_len, self.qk_dim)
+        self.value = value.to(self.compute).expand(self.batch, -1, -1, -1).contiguous().view(rows, self.kv_len, self.v_dim)
+        self.b = torch.arange(self.batch, device=device)
         self.h = torch.arange(p.q_heads, device=device)
-        self.kv_idx = torch.arange(p.kv_len, device=device)
+        self.kv_idx = kv_positions  # arange(S), loaded from memory: see _positions
         self.kv_blocks = self.kv_idx // p.kv_block
         self.mask_mod_buffers = mask_mod_buffers
+        self.ranges, self.padded_len = p.chunking.ranges(self.q_len)
+        self.pads = p.chunking.static_ranges is None
+
+    def pad_rows(self, t):
+        """[B, H, L, ...] zero-padded to the chunks' padded length (symbolic chunking only)."""
+        if t is None or not self.pads:
+            return t
+        trailing = [0, 0] * (t.dim() - 3)
+        return torch.nn.functional.pad(t, trailing + [0, self.padded_len - self.q_len])
+
+    def unpad_rows(self, t):
+        """The first L rows of a padded [B, H, padded, ...] result, as a new contiguous tensor.
+        (Gathered, not sliced: making a slice contiguous asks whether it already is, a guard on
+        ``padded == L`` that would pin L's divisibility by the chunk count.)"""
+        if not self.pads:
+            return t
+        return t.index_select(2, torch.arange(self.q_len, device=t.device))
 
     def q_rows(self, query, start, stop):
         """Query rows [start, stop) as [B·Hkv, G·rows, E] in the working dtype."""
         p = self.p
-        return query[:, :, start:stop].to(self.compute).reshape(p.batch * p.kv_heads, p.group * (stop - start), p.qk_dim)
+        rows = query[:, :, start:stop].to(self.compute).contiguous()
+        return rows.view(self.batch * p.kv_heads, p.group * (stop - start), self.qk_dim)
 
     def grid(self, t, start, stop):
         """[B·Hkv, G·rows, X] -> [B, Hq, rows, X]."""
-        return t.view(self.p.batch, self.p.q_heads, stop - start, t.size(-1))
+        return t.view(self.batch, self.p.q_heads, stop - start, t.size(-1))
 
     def flat(self, t):
         """[B, Hq, rows, X] -> [B·Hkv, G·rows, X]."""
         p = self.p
-        return t.reshape(p.batch * p.kv_heads, p.group * t.size(2), t.size(-1))
+        return t.contiguous().view(self.batch * p.kv_heads, p.group * t.size(2), t.size(-1))
 
-    def allowed(self, q_idx):
-        """Bool [B, Hq, rows, S]: block listed as full, or partial and mask_mod true."""
+    def positions(self, start, stop):
+        """(q_idx for the mods, rows that exist or None): padded rows read row 0."""
+        positions = torch.arange(start, stop, device=self.b.device)
+        if not self.pads:
+            return positions, None
+        valid = positions < self.q_len
+        return torch.where(valid, positions, 0), valid
+
+    def allowed(self, q_idx, valid):
+        """Bool [B, Hq, rows, S]: block listed as full, or partial and mask_mod true; never a
+        padded row."""
         q_blocks = q_idx // self.p.q_block
         in_partial = self.partial_map[:, :, q_blocks][:, :, :, self.kv_blocks]
         mask = evaluate_mask_mod(self.p.mask_mod, self.b, self.h, q_idx, self.kv_idx, self.mask_mod_buffers)
         allowed = in_partial & mask
         if self.full_map is not None:
             allowed = allowed | self.full_map[:, :, q_blocks][:, :, :, self.kv_blocks]
+        if valid is not None:
+            allowed = allowed & valid[:, None]
         return allowed
 
-    def scores(self, q_rows, start, stop, score_mod_buffers):
+    def scores(self, q_rows, start, stop, q_idx, score_mod_buffers):
         """(raw = scale·q·kᵀ, modified = score_mod(raw)), both [B, Hq, rows, S]."""
         raw = self.grid(torch.bmm(q_rows, self.key.transpose(1, 2)), start, stop) * self.p.scale
-        q_idx = torch.arange(start, stop, device=raw.device)
         modified = evaluate_score_mod(self.p.score_mod, raw, self.b, self.h, q_idx, self.kv_idx, score_mod_buffers)
-        return raw, modified.to(self.compute), q_idx
+        return raw, modified.to(self.compute)
 
 
 def _cat(chunks):
@@ -198,32 +315,34 @@ def _cat(chunks):
 
 def _split(p: _Problem, tensors):
     """Flat traced inputs -> (sparse block tensors, score_mod buffers, mask_mod buffers);
-    captured SymInts (``dynamic=True``), specialised to ints, are put back in their places."""
+    captured SymInts (traced inputs) and constants are put back in their places."""
     tensors = list(tensors)
     if p.has_full:
         sparse, tensors = tensors[:4], tensors[4:]
     else:
         sparse, tensors = tensors[:2] + [None, None], tensors[2:]
     tensors = iter(tensors)
-    buffers = tuple(next(tensors) if c is _TENSOR else c for c in p.buffer_slots)
+    buffers = tuple(next(tensors) if c is _TENSOR or c is _SYMBOL else c for c in p.buffer_slots)
     return sparse, buffers[: p.n_score_buffers], buffers[p.n_score_buffers:]
 
 
-def _forward(p: _Problem, query, key, value, *tensors):
+def _forward(p: _Problem, query, key, value, kv_positions, *tensors):
     sparse, score_mod_buffers, mask_mod_buffers = _split(p, tensors)
-    s = _Setup(p, query, key, value, sparse, mask_mod_buffers)
+    s = _Setup(p, query, key, value, kv_positions, sparse, mask_mod_buffers)
+    padded_query = s.pad_rows(query)
     outs, lses, maxes = [], [], []
-    for start, stop in p.ranges:
-        _, modified, q_idx = s.scores(s.q_rows(query, start, stop), start, stop, score_mod_buffers)
-        masked = torch.where(s.allowed(q_idx), modified, -math.inf)
+    for start, stop in s.ranges:
+        q_idx, valid = s.positions(start, stop)
+        _, modified = s.scores(s.q_rows(padded_query, start, stop), start, stop, q_idx, score_mod_buffers)
+        masked = torch.where(s.allowed(q_idx, valid), modified, -math.inf)
         probs, lse, row_max = softmax_rows(masked)
         outs.append(s.grid(torch.bmm(s.flat(probs), s.value), start, stop))
         lses.append(lse)
         maxes.append(row_max)
-    return _cat(outs).to(query.dtype), _cat(lses), _cat(maxes)
+    return s.unpad_rows(_cat(outs)).to(query.dtype), s.unpad_rows(_cat(lses)), s.unpad_rows(_cat(maxes))
 
 
-def _backward(p: _Problem, has_grad_out, has_grad_lse, query, key, value, *tensors):
+def _backward(p: _Problem, has_grad_out, has_grad_lse, query, key, value, kv_positions, *tensors):
     grad_out = grad_lse = None
     tensors = list(tensors)
     if has_grad_out:
@@ -231,8 +350,9 @@ def _backward(p: _Problem, has_grad_out, has_grad_lse, query, key, value, *tenso
     if has_grad_lse:
         grad_lse = tensors.pop(0)
     sparse, score_mod_buffers, mask_mod_buffers = _split(p, tensors)
-    s = _Setup(p, query, key, value, sparse, mask_mod_buffers)
+    s = _Setup(p, query, key, value, kv_positions, sparse, mask_mod_buffers)
     compute = s.compute
+    padded_query, grad_out, grad_lse = s.pad_rows(query), s.pad_rows(grad_out), s.pad_rows(grad_lse)
     # An output of the joint graph is batched over the grid (out_dim 0) when it depends on a
     # grid input other than through zeros_and_scatter (which sums over the grid itself): the
     # score's gradient, or that of a captured tensor read without indexing, summed below.
@@ -246,10 +366,11 @@ def _backward(p: _Problem, has_grad_out, has_grad_lse, query, key, value, *tenso
     grad_key = grad_value = None
     grad_queries = []
     buffer_grads = [None] * p.n_score_buffers
-    for start, stop in p.ranges:
-        q_rows = s.q_rows(query, start, stop)
-        raw, modified, q_idx = s.scores(q_rows, start, stop, score_mod_buffers)
-        allowed = s.allowed(q_idx)
+    for start, stop in s.ranges:
+        q_idx, valid = s.positions(start, stop)
+        q_rows = s.q_rows(padded_query, start, stop)
+        raw, modified = s.scores(q_rows, start, stop, q_idx, score_mod_buffers)
+        allowed = s.allowed(q_idx, valid)
         probs, _, _ = softmax_rows(torch.where(allowed, modified, -math.inf))
 
         d_modified = None
@@ -286,15 +407,15 @@ def _backward(p: _Problem, has_grad_out, has_grad_lse, query, key, value, *tenso
 
     def kv_grad(acc, like, dim):
         if acc is None:
-            acc = torch.zeros(p.batch * p.kv_heads, p.kv_len, dim, dtype=compute, device=query.device)
-        acc = acc.view(p.batch, p.kv_heads, p.kv_len, dim)
-        if p.kv_batch != p.batch:  # keys/values broadcast over the batch: grads summed over it
+            acc = torch.zeros(s.batch * p.kv_heads, s.kv_len, dim, dtype=compute, device=query.device)
+        acc = acc.view(s.batch, p.kv_heads, s.kv_len, dim)
+        if p.broadcast_kv:  # keys/values broadcast over the batch: grads summed over it
             acc = acc.sum(0, keepdim=True)
         return acc.to(like.dtype)
 
-    grad_query = _cat(grad_queries).to(query.dtype)
-    grad_key = kv_grad(grad_key, key, p.qk_dim)
-    grad_value = kv_grad(grad_value, value, p.v_dim)
+    grad_query = s.unpad_rows(_cat(grad_queries)).to(query.dtype)
+    grad_key = kv_grad(grad_key, key, s.qk_dim)
+    grad_value = kv_grad(grad_value, value, s.v_dim)
     if p.expected_buffer_grads is not None:
         # A gradient the graph reads is never None (zeros for a buffer that does not reach
         # the score); one it does not read is not computed.
@@ -340,20 +461,35 @@ def _decompositions():
     return table
 
 
-def _sizes(node):
-    return [_static(s) for s in node.get_size()]
+def _symbolic_size(expr):
+    """An IR size as the traced code sees it: an int, or a SymInt of the graph's ShapeEnv."""
+    if _is_symbolic(expr):
+        return symint_for(expr)
+    return int(expr)
 
 
-def _fake_like(node, mode):
-    """A fake tensor with the IR node's (specialised) size, dtype and device, contiguous."""
+def _fake_input(node, mode):
+    """A contiguous fake tensor with the IR node's (possibly symbolic) size, dtype and device;
+    a captured symbolic int (a sympy expression) becomes a SymInt."""
+    if isinstance(node, sympy.Expr):
+        return _symbolic_size(node)
     with mode:
-        return torch.empty(_sizes(node), dtype=node.get_dtype(), device=node.get_device())
+        return torch.empty([_symbolic_size(s) for s in node.get_size()], dtype=node.get_dtype(),
+                           device=node.get_device())
+
+
+def _trace_mode():
+    """The fake mode of the graph being compiled: its ShapeEnv owns the graph's size symbols."""
+    mode = detect_fake_mode()
+    if mode is None or mode.shape_env is not V.graph.sizevars.shape_env:
+        mode = FakeTensorMode(shape_env=V.graph.sizevars.shape_env, allow_non_fake_inputs=False)
+    return mode
 
 
 def _trace_and_inline(fn, ir_inputs):
     """Trace ``fn`` over fakes of ``ir_inputs`` into aten ops and lower them into V.graph."""
-    mode = detect_fake_mode() or FakeTensorMode()
-    fakes = [_fake_like(node, mode) for node in ir_inputs]
+    mode = _trace_mode()
+    fakes = [_fake_input(node, mode) for node in ir_inputs]
     try:
         with vmap_fallback_disabled():
             graph_module = make_fx(fn, decomposition_table=_decompositions(), tracing_mode="fake")(*fakes)
@@ -401,26 +537,47 @@ def _problem(query, key, value, score_graph, block_mask, scale, score_mod_buffer
     for b in (*score_mod_buffers, *mask_mod_buffers):
         if _is_tensor(b):
             slots.append(_TENSOR)
-        elif isinstance(b, (int, float, bool, sympy.Expr)):
-            slots.append(_static(b) if isinstance(b, sympy.Expr) else b)
+        elif _is_symbolic(b):
+            slots.append(_SYMBOL)
+        elif isinstance(b, sympy.Expr):
+            slots.append(int(b) if b.is_integer else float(b))
+        elif isinstance(b, (int, float, bool)):
+            slots.append(b)
         else:
             raise NotImplementedError(f"inductor_flex: cannot lower a captured value of type {type(b).__name__}")
-    return _Problem(_sizes(query), _sizes(key), _sizes(value), static_mask, float(scale),
-                    _graph_module(score_graph), slots, len(score_mod_buffers), has_full)
+    return _Problem(query.get_size(), key.get_size(), static_mask, float(scale), _graph_module(score_graph),
+                    slots, len(score_mod_buffers), has_full)
+
+
+def _positions(length, device):
+    """``arange(length)`` (int64) as a realized buffer the kernels load.
+
+    The key positions reach the traced math as data, not as an ``arange`` Inductor would fold
+    into its index expressions: a pointwise kernel indexed by ``kv_idx // c`` (the block
+    lookup, or a mod's own ``kv_idx // 64``) for an integer c > 8 triggers the C++ backend's
+    loop split (``CppScheduling.try_loop_split``, torch 2.11 to 2.13), which cuts the key loop
+    into ``(S // c, c)`` without checking that c divides S and silently skips the remainder
+    (all of it when S < c). Loaded positions leave no such division in any index expression.
+    """
+    return loaded_positions(length, device)
 
 
 def _tensor_inputs(block_mask, score_mod_buffers, mask_mod_buffers):
+    """The traced inputs after q, k, v (and grads): block lists, captured tensors and captured
+    symbolic ints, in ``_split``'s order."""
     sparse = [block_mask[KV_NUM_BLOCKS], block_mask[KV_INDICES]]
     if block_mask[FULL_KV_NUM_BLOCKS] is not None:
         sparse += [block_mask[FULL_KV_NUM_BLOCKS], block_mask[FULL_KV_INDICES]]
-    return [*sparse, *(b for b in (*score_mod_buffers, *mask_mod_buffers) if _is_tensor(b))]
+    captured = [b for b in (*score_mod_buffers, *mask_mod_buffers) if _is_tensor(b) or _is_symbolic(b)]
+    return [*sparse, *captured]
 
 
 def lower_forward_decomposed(query, key, value, score_graph, block_mask, scale, kernel_options,
                              score_mod_buffers, mask_mod_buffers):
     """IR ``(out, lse, max_scores)`` of the forward operator, as the chunked decomposition."""
     p = _problem(query, key, value, score_graph, block_mask, scale, score_mod_buffers, mask_mod_buffers)
-    inputs = [query, key, value, *_tensor_inputs(block_mask, score_mod_buffers, mask_mod_buffers)]
+    inputs = [query, key, value, _positions(key.get_size()[2], query.get_device()),
+              *_tensor_inputs(block_mask, score_mod_buffers, mask_mod_buffers)]
     out, lse, row_max = _trace_and_inline(functools.partial(_forward, p), inputs)
     return out, lse, row_max
 
@@ -436,7 +593,8 @@ def lower_backward_decomposed(query, key, value, out, lse, grad_out, grad_lse, s
     p.joint_graph = _graph_module(joint_graph)
     p.expected_buffer_grads = _expected_buffer_grads(len(score_mod_buffers))
     grads = [g for g in (grad_out, grad_lse) if g is not None]
-    inputs = [query, key, value, *grads, *_tensor_inputs(block_mask, score_mod_buffers, mask_mod_buffers)]
+    inputs = [query, key, value, _positions(key.get_size()[2], query.get_device()), *grads,
+              *_tensor_inputs(block_mask, score_mod_buffers, mask_mod_buffers)]
     fn = functools.partial(_backward, p, grad_out is not None, grad_lse is not None)
     grad_query, grad_key, grad_value, *buffer_grads = _trace_and_inline(fn, inputs)
     return grad_query, grad_key, grad_value, tuple(buffer_grads)
