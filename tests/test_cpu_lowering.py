@@ -205,3 +205,29 @@ def test_captured_tensor_read_whole():
     with pytest.raises(Exception, match="both indexed"):
         out = compiled(q, k, v, score_mod=mixed)
         torch.autograd.grad(out.sum(), t)
+
+
+def test_deterministic_option_gives_identical_captured_gradients():
+    """kernel_options DETERMINISTIC on CPU: the table's gradient is a scatter-add with repeated
+    indices, compiled to atomics by default; the option keeps a serial scatter, so runs agree
+    bit for bit (and with the default up to rounding)."""
+    B, H, S, D = 2, 4, 256, 16
+    table = torch.randn(2 * S - 1, requires_grad=True)
+
+    def relative_position(score, b, h, q_idx, kv_idx):
+        return score + table[kv_idx - q_idx + S - 1]
+
+    q, k, v = (torch.randn(B, H, S, D, requires_grad=True) for _ in range(3))
+    grad_out = torch.randn(B, H, S, D)
+
+    def table_grad(options):
+        torch._dynamo.reset()
+        out = torch.compile(flex_attention, fullgraph=True)(q, k, v, score_mod=relative_position,
+                                                           kernel_options=options)
+        (grad,) = torch.autograd.grad(out, (table,), grad_out)
+        return grad
+
+    first = table_grad({"DETERMINISTIC": True})
+    for _ in range(2):
+        assert torch.equal(first, table_grad({"DETERMINISTIC": True})), "DETERMINISTIC gradients differ between runs"
+    torch.testing.assert_close(first, table_grad(None), rtol=1e-4, atol=1e-4)

@@ -70,6 +70,7 @@ Mods are evaluated with vmap; an operation without a batching rule would make vm
 call per grid point into the trace, so that raises NotImplementedError naming the operation.
 """
 
+import contextlib
 import copy
 import functools
 import math
@@ -91,6 +92,7 @@ from .._compat.inductor import (
     symint_for,
     vmap_fallback_disabled,
 )
+from ..kernel_options import options_for
 from ..mods import evaluate_mask_mod, evaluate_score_mod, joint_outputs_per_position, vmap_over_bhqkv
 from ..reference import (
     FULL_KV_INDICES,
@@ -432,7 +434,7 @@ def _backward(p: _Problem, has_grad_out, has_grad_lse, query, key, value, kv_pos
 # ---------------------------------------------------------------- tracing and inlining
 
 
-def _zeros_and_scatter(shape, indices, values):
+def _zeros_and_scatter(shape, indices, values, deterministic=False):
     """``flex_lib.zeros_and_scatter`` (a captured tensor's gradient) as aten ops Inductor
     compiles: a scatter-add into zeros, accumulated in at least float32.
 
@@ -451,14 +453,40 @@ def _zeros_and_scatter(shape, indices, values):
         first = tuple(slice(0, 1) if d in invariant else slice(None) for d in range(values.dim()))
         indices = [i[first] for i in indices]
     zeros = torch.zeros(shape, dtype=acc, device=values.device)
+    if deterministic and len(indices) == zeros.dim() and all(i is not None for i in indices):
+        # One flat index per value (negative indices wrap, as in indexing).
+        flat_index = sum(torch.remainder(i, size).expand(values.shape) * stride
+                         for i, size, stride in zip(indices, zeros.shape, zeros.stride()))
+        flat = _deterministic_scatter_add()(zeros.reshape(-1), flat_index.reshape(-1), values.reshape(-1))
+        return flat.view(shape)
     return torch.index_put(zeros, indices, values, accumulate=True)
 
 
 @functools.cache
-def _decompositions():
+def _decompositions(deterministic: bool = False):
     table = dict(select_decomp_table())
-    table[torch.ops.flex_lib.zeros_and_scatter.default] = _zeros_and_scatter
+    table[torch.ops.flex_lib.zeros_and_scatter.default] = functools.partial(
+        _zeros_and_scatter, deterministic=deterministic)
     return table
+
+
+@functools.cache
+def _deterministic_scatter_add():
+    """A scatter-add into zeros whose result does not depend on thread timing: torch's own
+    index_put run under deterministic algorithms (serial on CPU, sorted on CUDA). Compiled,
+    a scatter-add with repeated indices becomes atomics (CPU and GPU) whose order varies, so
+    DETERMINISTIC keeps this as an opaque call. Registered on first use."""
+
+    @torch.library.custom_op("inductor_flex::deterministic_scatter_add", mutates_args=())
+    def scatter_add(zeros: torch.Tensor, flat_index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        with deterministic_algorithms(True):
+            return zeros.index_put((flat_index,), values, accumulate=True)
+
+    @scatter_add.register_fake
+    def _(zeros, flat_index, values):
+        return torch.empty_like(zeros)
+
+    return scatter_add
 
 
 def _symbolic_size(expr):
@@ -486,13 +514,13 @@ def _trace_mode():
     return mode
 
 
-def _trace_and_inline(fn, ir_inputs):
+def _trace_and_inline(fn, ir_inputs, deterministic=False):
     """Trace ``fn`` over fakes of ``ir_inputs`` into aten ops and lower them into V.graph."""
     mode = _trace_mode()
     fakes = [_fake_input(node, mode) for node in ir_inputs]
     try:
         with vmap_fallback_disabled():
-            graph_module = make_fx(fn, decomposition_table=_decompositions(), tracing_mode="fake")(*fakes)
+            graph_module = make_fx(fn, decomposition_table=_decompositions(deterministic), tracing_mode="fake")(*fakes)
     except RuntimeError as error:
         if "vmap fallback" not in str(error):
             raise
@@ -572,6 +600,19 @@ def _tensor_inputs(block_mask, score_mod_buffers, mask_mod_buffers):
     return [*sparse, *captured]
 
 
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool):
+    """torch's deterministic-algorithms switch on for what is lowered inside (a no-op if off)."""
+    if not enabled or torch.are_deterministic_algorithms_enabled():
+        yield
+        return
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def lower_forward_decomposed(query, key, value, score_graph, block_mask, scale, kernel_options,
                              score_mod_buffers, mask_mod_buffers):
     """IR ``(out, lse, max_scores)`` of the forward operator, as the chunked decomposition."""
@@ -596,7 +637,8 @@ def lower_backward_decomposed(query, key, value, out, lse, grad_out, grad_lse, s
     inputs = [query, key, value, _positions(key.get_size()[2], query.get_device()), *grads,
               *_tensor_inputs(block_mask, score_mod_buffers, mask_mod_buffers)]
     fn = functools.partial(_backward, p, grad_out is not None, grad_lse is not None)
-    grad_query, grad_key, grad_value, *buffer_grads = _trace_and_inline(fn, inputs)
+    deterministic = bool(options_for(kernel_options, "bwd").get("DETERMINISTIC", False))
+    grad_query, grad_key, grad_value, *buffer_grads = _trace_and_inline(fn, inputs, deterministic)
     return grad_query, grad_key, grad_value, tuple(buffer_grads)
 
 
