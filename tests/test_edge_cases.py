@@ -231,6 +231,20 @@ def test_empty_inputs_give_sdpas_answer(mode, B, H, L, S):
         torch.testing.assert_close(ours, theirs)
 
 
+def test_empty_value_dim():
+    q, k, v = (torch.randn(2, 2, 8, 16) for _ in range(3))
+    out, aux = flex_attention(q, k, v[..., :0], return_aux=AuxRequest(lse=True))
+    _, full = flex_attention(q, k, v, return_aux=AuxRequest(lse=True))
+    assert out.shape == (2, 2, 8, 0)
+    torch.testing.assert_close(aux.lse, full.lse)
+
+
+def test_numpy_scale():
+    numpy = pytest.importorskip("numpy")
+    q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
+    torch.testing.assert_close(flex_attention(q, k, v, scale=numpy.float32(0.5)), flex_attention(q, k, v, scale=0.5))
+
+
 def test_meta_tensors_give_shapes():
     q = torch.empty(2, 4, 8, 16, device="meta")
     kv = torch.empty(2, 2, 24, 16, device="meta")
