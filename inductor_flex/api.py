@@ -300,7 +300,8 @@ def flex_attention(
     scale = _validate_scale(scale, query.size(-1))
     if return_lse and return_aux is not None:
         raise ValueError("pass either return_lse=True or return_aux=AuxRequest(...), not both")
-    if return_lse:
+    if return_lse and not torch.compiler.is_dynamo_compiling():
+        # Not under Dynamo: it cannot trace warnings.warn, and fullgraph=True would fail on it.
         warnings.warn(
             "return_lse is deprecated; use return_aux=AuxRequest(lse=True)", FutureWarning, stacklevel=2
         )
