@@ -140,6 +140,9 @@ def check_mod_arity(fn: Callable, expected: int, role: str) -> None:
     signature = "score_mod(score, b, h, q_idx, kv_idx)" if role == "score_mod" else "mask_mod(b, h, q_idx, kv_idx)"
     if not callable(fn):
         raise TypeError(f"{role} must be callable, got {type(fn).__name__}; pass a function `{signature}`")
+    if torch.compiler.is_dynamo_compiling():
+        # Dynamo cannot trace inspect.signature; a wrong arity fails when the mod is captured.
+        return
     arity = positional_arity(fn)
     if arity is not None and arity != expected:
         raise TypeError(

@@ -557,3 +557,23 @@ def test_causal_32768_builds_in_seconds():
     seconds = time.perf_counter() - start
     print(f"\ncausal 32768 x 32768: {seconds:.2f} s")
     assert seconds < 30
+
+
+def test_create_block_mask_inside_a_fullgraph_compiled_module():
+    """A BlockMask built per call inside the compiled region from batch-dependent data (here
+    per-sequence lengths), as a model's forward does: no graph break, same answer as eager."""
+    from inductor_flex import flex_attention
+
+    class Model(torch.nn.Module):
+        def forward(self, q, k, v, lengths):
+            def causal_within_length(b, h, q_idx, kv_idx):
+                return (q_idx >= kv_idx) & (kv_idx < lengths[b])
+
+            mask = create_block_mask(causal_within_length, q.size(0), None, q.size(2), k.size(2),
+                                     device=q.device, BLOCK_SIZE=32)
+            return flex_attention(q, k, v, block_mask=mask)
+
+    q, k, v = (torch.randn(2, 2, 100, 16) for _ in range(3))
+    lengths = torch.tensor([37, 100])
+    compiled = torch.compile(Model(), fullgraph=True)(q, k, v, lengths)
+    torch.testing.assert_close(compiled, Model()(q, k, v, lengths), atol=2e-5, rtol=2e-5)
