@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, seed, settings
+from torch._inductor.exc import InductorError
 
 from fuzz_cases import (CPU_PROFILE, GPU_PROFILE, INTERPRETER_PROFILE, FuzzStats, Shape, Structure, fuzz_examples,
                         run_case, run_example)
@@ -219,7 +220,32 @@ def test_cpu_scalar_captured_with_cuda_inputs(quiet):
     torch.testing.assert_close(weight.grad.double(), weight64.grad, atol=1e-3, rtol=1e-3)
 
 
-@pytest.mark.xfail(strict=True, reason="a captured Python float made dynamic reaches the lowering as a SymFloat")
+@pytest.mark.xfail(strict=True, raises=InductorError,
+                   reason="Inductor C++ cannot store an atomic scatter-add whose index is constant")
+def test_known_bug_one_bucket_table_gradient():
+    """Found by fuzzing (CPU): a learnable table with one element along the dim a score_mod
+    indexes by a floor division the sizes keep at 0 (a bucketed distance bias, sequences
+    shorter than a bucket): the backward fails in Inductor's C++ code generation
+    (``CppVecKernel.store``: ``assert isinstance(index, CppCSEVariable) and index.is_vec``).
+    Pure torch: ``torch.compile(lambda x: torch.zeros(1).index_put((torch.arange(15) // 16,),
+    x, accumulate=True))(torch.randn(15))``."""
+    table = torch.randn(1, requires_grad=True)
+
+    def bucket_bias(score, b, h, q_idx, kv_idx):
+        return score + table[(q_idx - kv_idx).abs() // 16]
+
+    q, k, v = (torch.randn(1, 1, length, 16, requires_grad=True) for length in (6, 15, 15))
+    out = torch.compile(flex_attention, fullgraph=True)(q, k, v, score_mod=bucket_bias)
+    (grad,) = torch.autograd.grad(out.sum(), (table,))
+    table64 = table.detach().double().requires_grad_()
+    gold = flex_attention(q.double(), k.double(), v.double(),
+                          score_mod=lambda score, b, h, q_idx, kv_idx: score + table64[(q_idx - kv_idx).abs() // 16])
+    (grad64,) = torch.autograd.grad(gold.sum(), (table64,))
+    torch.testing.assert_close(grad.double(), grad64, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.xfail(strict=True, raises=InductorError,
+                   reason="a captured Python float made dynamic reaches the lowering as a SymFloat")
 def test_known_bug_captured_float_changing_value():
     """Found by fuzzing: the same score_mod code closing over a Python float, called again with
     another value (two layers with different soft caps). Dynamo's automatic dynamic makes the
