@@ -220,13 +220,12 @@ def test_cpu_scalar_captured_with_cuda_inputs(quiet):
     torch.testing.assert_close(weight.grad.double(), weight64.grad, atol=1e-3, rtol=1e-3)
 
 
-@pytest.mark.xfail(strict=True, raises=InductorError,
-                   reason="Inductor C++ cannot store an atomic scatter-add whose index is constant")
-def test_known_bug_one_bucket_table_gradient():
+def test_one_bucket_table_gradient():
     """Found by fuzzing (CPU): a learnable table with one element along the dim a score_mod
     indexes by a floor division the sizes keep at 0 (a bucketed distance bias, sequences
-    shorter than a bucket): the backward fails in Inductor's C++ code generation
-    (``CppVecKernel.store``: ``assert isinstance(index, CppCSEVariable) and index.is_vec``).
+    shorter than a bucket). The backward failed in Inductor's C++ code generation
+    (``CppVecKernel.store``: ``assert isinstance(index, CppCSEVariable) and index.is_vec``);
+    the decomposition now drops indices into dims of size 1 from the scatter.
     Pure torch: ``torch.compile(lambda x: torch.zeros(1).index_put((torch.arange(15) // 16,),
     x, accumulate=True))(torch.randn(15))``."""
     table = torch.randn(1, requires_grad=True)

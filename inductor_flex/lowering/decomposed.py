@@ -452,6 +452,14 @@ def _zeros_and_scatter(shape, indices, values, deterministic=False):
         values = values.sum(invariant, keepdim=True)
         first = tuple(slice(0, 1) if d in invariant else slice(None) for d in range(values.dim()))
         indices = [i[first] for i in indices]
+    if len(indices) == len(shape) and any(isinstance(size, int) and size == 1 for size in shape):
+        # An index into a dim of size 1 can only be 0: drop it. Inductor's C++ backend cannot
+        # compile a scatter-add whose whole index is constant (a one-element table).
+        kept = [d for d, size in enumerate(shape) if not (isinstance(size, int) and size == 1)]
+        if not kept:
+            return values.sum().reshape(shape)
+        inner = _zeros_and_scatter([shape[d] for d in kept], [indices[d] for d in kept], values, deterministic)
+        return inner.reshape(shape)
     zeros = torch.zeros(shape, dtype=acc, device=values.device)
     if deterministic and len(indices) == zeros.dim() and all(i is not None for i in indices):
         # One flat index per value (negative indices wrap, as in indexing).
