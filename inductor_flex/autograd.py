@@ -60,7 +60,52 @@ def build_joint_graph(score_mod, query: torch.Tensor, score_mod_buffers: tuple):
             return grads
 
         with TransformGetItemToIndex():
-            return make_fx(joint_fn)(*examples, grad_example, *buffers)
+            graph_module = make_fx(joint_fn)(*examples, grad_example, *buffers)
+    return _zero_where_no_gradient_flows(graph_module)
+
+
+def _summands(node):
+    if node.op == "call_function" and node.target is torch.ops.aten.add.Tensor and len(node.args) == 2 \
+            and all(isinstance(a, torch.fx.Node) for a in node.args):
+        return _summands(node.args[0]) + _summands(node.args[1])
+    return [node]
+
+
+def _zero_where_no_gradient_flows(graph_module):
+    """Where the modified score's gradient is exactly 0, every gradient term is 0.
+
+    By the chain rule each term is that gradient times a derivative; IEEE arithmetic makes
+    0 × inf a NaN where score_mod produced ±inf (a score set to -inf then scaled by a learnable
+    tensor: d(score·w)/dw = score). Each scattered term (``zeros_and_scatter``'s values), each
+    gradient of a tensor read whole, and the score's gradient get ``where(grad == 0, 0, term)``.
+    """
+    graph = graph_module.graph
+    aten = torch.ops.aten
+    scatter = torch.ops.flex_lib.zeros_and_scatter.default
+    grad = [n for n in graph.nodes if n.op == "placeholder"][5]
+    with graph.inserting_after(grad):
+        no_flow = graph.call_function(aten.eq.Scalar, (grad, 0))
+
+    def guarded(term):
+        return graph.call_function(aten.where.ScalarSelf, (no_flow, 0.0, term))
+
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is scatter:
+            with graph.inserting_before(node):
+                node.update_arg(2, guarded(node.args[2]))
+    output = next(n for n in graph.nodes if n.op == "output")
+    outputs = list(output.args[0])
+    with graph.inserting_before(output):
+        for position, term in enumerate(outputs):
+            if position in (1, 2, 3, 4) or not isinstance(term, torch.fx.Node):
+                continue
+            if any(s.op == "call_function" and s.target is scatter for s in _summands(term)):
+                continue  # indexed reads: their scattered values are guarded above
+            outputs[position] = guarded(term)
+    output.args = (type(output.args[0])(outputs),)
+    graph.lint()
+    graph_module.recompile()
+    return graph_module
 
 
 _SAVED_TENSOR = object()  # placeholder for a tensor slot in ctx.saved_slots

@@ -35,7 +35,11 @@ def assert_within(name, actual, gold, baseline, factor=2.0, terms_per_element=1)
     assert actual.shape == gold.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(gold.shape)}"
     assert not torch.isnan(actual).any(), f"{name}: NaN"
     finite = torch.isfinite(gold)
-    assert torch.equal(torch.isfinite(actual), finite), f"{name}: infinities differ from the oracle"
+    # NaN in the oracle's gradients is eager autograd's 0 × inf (a score_mod output of -inf
+    # scaled by a learnable tensor); our kernels give such positions no gradient, so there
+    # actual must merely be finite (test_edge_cases checks the value with a finite stand-in).
+    undefined = torch.isnan(gold)
+    assert torch.equal(torch.isfinite(actual) & ~undefined, finite), f"{name}: infinities differ from the oracle"
     actual, gold, baseline = actual[finite], gold[finite], baseline[finite]
     # A few units of round-off of actual's dtype at the result's magnitude. In float64 the
     # same-dtype eager run *is* the oracle (error 0), so only this floor remains: it allows for

@@ -221,3 +221,22 @@ def test_row_summed_captured_gradients_are_refused_in_low_precision():
     out = compiled(q, k, v, score_mod=score_mod, kernel_options={"bwd_BACKEND": "TRITON"})
     with pytest.raises(Exception, match="not accurate enough"):
         out.sum().backward()
+
+
+def test_minus_inf_scores_scaled_by_a_learnable_tensor():
+    """The backward template with the joint graph's zero-gradient guard: -inf from score_mod
+    times a learnable per-head weight gives finite gradients, equal to a -1e30 stand-in's."""
+    from test_edge_cases import _scaled_masked_scores
+
+    B, H, L, S, D = 1, 2, 33, 40, 16
+    q, k, v = (torch.randn(B, H, n, D, requires_grad=True) for n in (L, S, S))
+    weight = (0.5 + torch.rand(H)).requires_grad_()
+    out = torch.compile(flex_attention, fullgraph=True)(q, k, v, score_mod=_scaled_masked_scores(weight, -float("inf")),
+                                                        kernel_options={"BACKEND": "TRITON"})
+    grads = torch.autograd.grad(out, (q, k, v, weight), torch.ones_like(out))
+    gold_inputs = [t.detach().double().requires_grad_() for t in (q, k, v, weight)]
+    gold_out = flex_attention(*gold_inputs[:3], score_mod=_scaled_masked_scores(gold_inputs[3], -1e30))
+    gold = torch.autograd.grad(gold_out, gold_inputs, torch.ones_like(gold_out))
+    for name, ours, expected in zip("qkvw", grads, gold):
+        assert torch.isfinite(ours).all(), f"d{name}: not finite"
+        torch.testing.assert_close(ours.double(), expected, atol=1e-4, rtol=1e-4, msg=f"d{name}")

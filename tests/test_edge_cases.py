@@ -324,3 +324,34 @@ def test_non_contiguous_inputs_gpu(layout, L):
 
     mask = create_block_mask(causal_from_the_end, None, None, L, 150, device="cuda")
     check_against_oracle(q, k, v, mode="inductor", block_mask=mask)
+
+
+def _scaled_masked_scores(weight, masked_value):
+    """Keys past q_idx + 5 set to ``masked_value`` by the score_mod (every row keeps a key),
+    then scaled by a learnable per-head weight: d(score·w)/dw there is the masked score."""
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return torch.where(kv_idx <= q_idx + 5, score, masked_value) * weight[h]
+
+    return score_mod
+
+
+@pytest.mark.parametrize("mode", ["eager", "inductor"])
+def test_gradient_through_minus_inf_scores_scaled_by_a_learnable_tensor(mode):
+    """Found by fuzzing (GPU profile, reproduced on CPU): -inf from score_mod times a learnable
+    tensor. Eager autograd gives NaN there (0 × inf); positions whose score gradient is 0
+    contribute nothing in our kernels, so the gradient is the one a finite stand-in (-1e30:
+    exp underflows to exactly 0 in float64) gives."""
+    B, H, L, S, D = 2, 4, 37, 50, 16
+    q, k, v = (torch.randn(B, H, n, D, requires_grad=True) for n in (L, S, S))
+    weight = (0.5 + torch.rand(H)).requires_grad_()
+    attend = torch.compile(flex_attention, fullgraph=True) if mode == "inductor" else flex_attention
+    out = attend(q, k, v, score_mod=_scaled_masked_scores(weight, -float("inf")))
+    grads = torch.autograd.grad(out, (q, k, v, weight), torch.ones_like(out))
+
+    gold_inputs = [t.detach().double().requires_grad_() for t in (q, k, v, weight)]
+    gold_out = flex_attention(*gold_inputs[:3], score_mod=_scaled_masked_scores(gold_inputs[3], -1e30))
+    gold = torch.autograd.grad(gold_out, gold_inputs, torch.ones_like(gold_out))
+    torch.testing.assert_close(out.double(), gold_out, atol=1e-5, rtol=1e-5)
+    for name, ours, expected in zip("qkvw", grads, gold):
+        assert torch.isfinite(ours).all(), f"d{name}: not finite"
+        torch.testing.assert_close(ours.double(), expected, atol=1e-4, rtol=1e-4, msg=f"d{name}")

@@ -140,10 +140,15 @@ class GraphModule(torch.nn.Module):
             return add
     class inductor_flex_joint0(torch.nn.Module):
         def forward(self, arg0_1: "f32[]", arg1_1: "i32[]", arg2_1: "i32[]", arg3_1: "i32[]", arg4_1: "i32[]", arg5_1: "f32[]", arg6_1: "f32[4]"):
+            eq: "b8[]" = torch.ops.aten.eq.Scalar(arg5_1, 0)
             sub: "i32[]" = torch.ops.aten.sub.Tensor(arg4_1, arg3_1);  arg4_1 = arg3_1 = None
             mul_1: "f32[]" = torch.ops.aten.mul.Tensor(arg5_1, sub);  sub = None
-            zeros_and_scatter: "f32[4]" = torch.ops.flex_lib.zeros_and_scatter.default([4], [arg2_1], mul_1);  arg2_1 = mul_1 = None
-            return [arg5_1, None, None, None, None, zeros_and_scatter]
+            scalar_tensor: "f32[]" = torch.ops.aten.scalar_tensor.default(0.0, dtype = torch.float32, layout = torch.strided, device = device(type='cpu'))
+            where: "f32[]" = torch.ops.aten.where.self(eq, scalar_tensor, mul_1);  scalar_tensor = mul_1 = None
+            zeros_and_scatter: "f32[4]" = torch.ops.flex_lib.zeros_and_scatter.default([4], [arg2_1], where);  arg2_1 = where = None
+            scalar_tensor_1: "f32[]" = torch.ops.aten.scalar_tensor.default(0.0, dtype = torch.float32, layout = torch.strided, device = device(type='cpu'))
+            where_1: "f32[]" = torch.ops.aten.where.self(eq, scalar_tensor_1, arg5_1);  eq = scalar_tensor_1 = arg5_1 = None
+            return [where_1, None, None, None, None, zeros_and_scatter]
     class inductor_flex_mask1(torch.nn.Module):
         def forward(self, arg0_1: "i32[]", arg1_1: "i32[]", arg2_1: "i32[]", arg3_1: "i32[]"):
             ge: "b8[]" = torch.ops.aten.ge.Tensor(arg2_1, arg3_1);  arg2_1 = arg3_1 = None
