@@ -18,7 +18,8 @@ MAX_HEAD_DIM = 256
 
 # Query lengths up to this (static) run the decode kernel (lowering/triton_decode.py) instead of
 # the forward template; kernel_options FORCE_USE_FLEX_ATTENTION=True keeps the forward template.
-# A first guess: it must be measured on the GPU (benchmarks/bench.py --decode-threshold).
+# Measured (H200, bf16, B8 Hq32 Hkv8 D128, Lkv 8k; docs/benchmarks.md): the decode kernel takes
+# 0.52-0.56x the forward template's time up to Lq 32 and 1.10x at 64; 16 is what the GPU tier covers.
 DECODE_MAX_QUERY_LEN = 16
 
 
