@@ -9,7 +9,14 @@ writes comes from autograd, never from hand-written rules.
 
 import torch
 
-from ._compat.hop import AutoDispatchBelowAutograd, FakeTensorMode, TransformGetItemToIndex, detect_fake_mode, make_fx
+from ._compat.hop import (
+    AutoDispatchBelowAutograd,
+    FakeTensorMode,
+    TransformGetItemToIndex,
+    detect_fake_mode,
+    make_fx,
+    zeros_and_scatter_op,
+)
 from ._compat.joint import (
     create_joint,
     disable_functional_mode,
@@ -81,7 +88,7 @@ def _zero_where_no_gradient_flows(graph_module):
     """
     graph = graph_module.graph
     aten = torch.ops.aten
-    scatter = torch.ops.flex_lib.zeros_and_scatter.default
+    scatter = zeros_and_scatter_op()
     grad = [n for n in graph.nodes if n.op == "placeholder"][5]
     with graph.inserting_after(grad):
         no_flow = graph.call_function(aten.eq.Scalar, (grad, 0))

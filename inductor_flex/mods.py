@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from ._compat.hop import TransformGetItemToIndex
+from ._compat.hop import TransformGetItemToIndex, zeros_and_scatter_op
 
 SCORE_MOD_ARITY = 5  # score, b, h, q_idx, kv_idx
 MASK_MOD_ARITY = 4  # b, h, q_idx, kv_idx
@@ -157,7 +157,7 @@ def joint_outputs_per_position(graph_module, n_grid_inputs: int) -> list:
     ``flex_lib.zeros_and_scatter``, whose vmap rule returns a result already summed over the
     grid? An output that mixes both kinds (a captured tensor read both indexed and whole)
     cannot be summed correctly and raises NotImplementedError."""
-    scatter = torch.ops.flex_lib.zeros_and_scatter.default
+    scatter = zeros_and_scatter_op()
     batched, scattered = set(), set()
     placeholders = 0
     outputs = ()

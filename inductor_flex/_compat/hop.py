@@ -20,13 +20,22 @@ from torch.utils.checkpoint import (
 
 import inspect
 
+import torch
+
 # ``cacheable`` lets Inductor's FX-graph cache store graphs holding our operators.
 HOP_OPTIONS = (
     {"cacheable": True} if "cacheable" in inspect.signature(HigherOrderOperator.__init__).parameters else {}
 )
 
+def zeros_and_scatter_op():
+    """torch's private ``flex_lib.zeros_and_scatter``: how a joint graph traced under
+    TransformGetItemToIndex returns the gradient of an indexed captured tensor."""
+    return torch.ops.flex_lib.zeros_and_scatter.default
+
+
 __all__ = [
     "HOP_OPTIONS",
+    "zeros_and_scatter_op",
     "AutoDispatchBelowAutograd",
     "CachedTorchDispatchMode",
     "CachingTorchDispatchMode",

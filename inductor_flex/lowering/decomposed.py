@@ -80,7 +80,7 @@ from dataclasses import dataclass
 import sympy
 import torch
 
-from .._compat.hop import FakeTensorMode, TransformGetItemToIndex, detect_fake_mode, make_fx
+from .._compat.hop import FakeTensorMode, TransformGetItemToIndex, detect_fake_mode, make_fx, zeros_and_scatter_op
 from .._compat.inductor import (
     V,
     concrete_sizes,
@@ -473,7 +473,7 @@ def _zeros_and_scatter(shape, indices, values, deterministic=False):
 @functools.cache
 def _decompositions(deterministic: bool = False):
     table = dict(select_decomp_table())
-    table[torch.ops.flex_lib.zeros_and_scatter.default] = functools.partial(
+    table[zeros_and_scatter_op()] = functools.partial(
         _zeros_and_scatter, deterministic=deterministic)
     return table
 

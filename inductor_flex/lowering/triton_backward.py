@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import sympy
 import torch
 
+from .._compat.hop import zeros_and_scatter_op
 from .._compat.inductor import (
     FixedLayout,
     SymbolicGridFn,
@@ -83,10 +84,6 @@ class CapturedTerm:
 class CapturedGradPlan:
     graph_module: object  # the rewritten joint graph: [grad_score, value0, index0, value1, ...]
     terms: list
-
-
-def _scatter_op():
-    return torch.ops.flex_lib.zeros_and_scatter.default
 
 
 def _summands(node):
@@ -154,7 +151,7 @@ def plan_captured_grads(joint_graph_module, score_mod_buffers):
             shape = [_static(s) for s in buffer.get_size()]
             summands = _summands(grad)
             for summand in summands:
-                if summand.op == "call_function" and summand.target is _scatter_op():
+                if summand.op == "call_function" and summand.target is zeros_and_scatter_op():
                     _, indices, values = summand.args
                     if len(indices) != len(shape) or any(not isinstance(x, torch.fx.Node) for x in indices):
                         reasons.append(f"captured tensor {i} is indexed with slices or constants (index every "
