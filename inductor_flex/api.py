@@ -327,12 +327,4 @@ def flex_attention(
         stance = contextlib.nullcontext() if compiler_stance() == "default" else torch.compiler.set_stance("default")
         with stance, disable_cache_limit():
             out, lse, max_scores = _eager_operator()(*args)
-
-    if return_aux is not None:
-        return out, AuxOutput(
-            lse=lse if return_aux.lse else None,
-            max_scores=max_scores if return_aux.max_scores else None,
-        )
-    if return_lse:
-        return out, lse
-    return out
+    return _results(out, lse, max_scores, return_aux, return_lse)
