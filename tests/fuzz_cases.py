@@ -405,11 +405,8 @@ def run_case(structure: Structure, shape: Shape, data_seed: int, compiled=None):
     differentiable = {n: t for n, t in (*inputs.items(), *buffers.items()) if t.requires_grad}
     ours = dict(zip(differentiable, torch.autograd.grad(loss, list(differentiable.values()))))
 
-    gold_out, gold_lse, gold_grads = oracle._reference_run(
-        variant, oracle._gold_copies(inputs), oracle._gold_copies(buffers), fields, scale, grad_out, grad_lse)
-    base_out, base_lse, base_grads = oracle._reference_run(
-        variant, oracle._same_dtype_copies(inputs), oracle._same_dtype_copies(buffers), fields, scale,
-        grad_out, grad_lse)
+    (gold_out, gold_lse, gold_grads), (base_out, base_lse, base_grads) = oracle.gold_and_baseline(
+        variant, inputs, buffers, fields, scale, grad_out, grad_lse)
     label = f"[{s}] B={B} Lq={Lq} Lkv={Lkv} seed={data_seed}"
     oracle.assert_within(f"{label} out", out, gold_out, base_out)
     if lse is not None:

@@ -81,9 +81,17 @@ def _reference_run(variant, inputs, buffers, block_mask_fields, scale, grad_out,
     return out, lse, dict(zip(named, grads))
 
 
-def run_variant(variant, *, B=2, Hq=4, Hkv=2, L=67, S=67, E=16, Ev=16, dtype=torch.float32,
-                mode="eager", block_size=16, device="cpu", backward=True, check_torch=False):
-    """Run one case and assert forward (out, lse) and gradients against the oracle."""
+def gold_and_baseline(variant, inputs, buffers, fields, scale, grad_out, grad_lse):
+    """The reference run in float64 (the oracle) and in the inputs' own dtype (the baseline whose
+    error the kernels may double): each ``(out, lse, grads)``."""
+    gold = _reference_run(variant, _gold_copies(inputs), _gold_copies(buffers), fields, scale, grad_out, grad_lse)
+    baseline = _reference_run(variant, _same_dtype_copies(inputs), _same_dtype_copies(buffers), fields, scale,
+                              grad_out, grad_lse)
+    return gold, baseline
+
+
+def make_case(variant, *, B, Hq, Hkv, L, S, E, Ev, dtype, device, backward):
+    """Fresh random captured buffers (learnable ones requiring grad) and q, k, v for a case."""
     buffers = variant.make_buffers(B, Hq, L, S, device)
     for name in variant.learnable:
         buffers[name].requires_grad_(backward)
@@ -92,6 +100,14 @@ def run_variant(variant, *, B=2, Hq=4, Hkv=2, L=67, S=67, E=16, Ev=16, dtype=tor
         "k": torch.randn(B, Hkv, S, E, device=device, dtype=dtype, requires_grad=backward),
         "v": torch.randn(B, Hkv, S, Ev, device=device, dtype=dtype, requires_grad=backward),
     }
+    return buffers, inputs
+
+
+def run_variant(variant, *, B=2, Hq=4, Hkv=2, L=67, S=67, E=16, Ev=16, dtype=torch.float32,
+                mode="eager", block_size=16, device="cpu", backward=True, check_torch=False):
+    """Run one case and assert forward (out, lse) and gradients against the oracle."""
+    buffers, inputs = make_case(variant, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=E, Ev=Ev, dtype=dtype,
+                                device=device, backward=backward)
     score_mod, mask_mod = variant.build(buffers)
     block_mask = (
         create_block_mask(mask_mod, B, Hq, L, S, device=device, BLOCK_SIZE=block_size) if mask_mod else None
@@ -109,13 +125,8 @@ def run_variant(variant, *, B=2, Hq=4, Hkv=2, L=67, S=67, E=16, Ev=16, dtype=tor
         differentiable = {n: t for n, t in (*inputs.items(), *buffers.items()) if t.requires_grad}
         ours = dict(zip(differentiable, torch.autograd.grad(loss, list(differentiable.values()))))
 
-    gold_out, gold_lse, gold_grads = _reference_run(
-        variant, _gold_copies(inputs), _gold_copies(buffers), fields, scale, grad_out, grad_lse
-    )
-    base_out, base_lse, base_grads = _reference_run(
-        variant, _same_dtype_copies(inputs), _same_dtype_copies(buffers), fields, scale,
-        grad_out, grad_lse,
-    )
+    (gold_out, gold_lse, gold_grads), (base_out, base_lse, base_grads) = gold_and_baseline(
+        variant, inputs, buffers, fields, scale, grad_out, grad_lse)
     label = f"{variant.name}[{mode}]"
     assert_within(f"{label} out", out, gold_out, base_out)
     assert_within(f"{label} lse", aux.lse, gold_lse, base_lse)

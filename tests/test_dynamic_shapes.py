@@ -25,8 +25,9 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import oracle
 from catalogue import Variant
+from decode_cases import decode_runs  # noqa: F401 (fixture)
 from inductor_flex import AuxRequest, create_block_mask, flex_attention
-from inductor_flex.lowering import decomposed, triton_decode
+from inductor_flex.lowering import decomposed
 
 CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                                         reason="needs a CUDA GPU")])
@@ -65,14 +66,8 @@ ALIBI_DOCUMENTS = Variant("alibi_documents", _alibi_documents, _alibi_documents_
 def _run_and_check(compiled, variant, *, B, Hq, Hkv, L, S, E, dtype, device, block_size, backward=True):
     """One call of ``compiled`` (flex_attention's signature) on fresh data, and its outputs and
     gradients checked against the float64 oracle, as ``oracle.run_variant`` does."""
-    buffers = variant.make_buffers(B, Hq, L, S, device)
-    for name in variant.learnable:
-        buffers[name].requires_grad_(backward)
-    inputs = {
-        "q": torch.randn(B, Hq, L, E, device=device, dtype=dtype, requires_grad=backward),
-        "k": torch.randn(B, Hkv, S, E, device=device, dtype=dtype, requires_grad=backward),
-        "v": torch.randn(B, Hkv, S, E, device=device, dtype=dtype, requires_grad=backward),
-    }
+    buffers, inputs = oracle.make_case(variant, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=E, Ev=E, dtype=dtype,
+                                       device=device, backward=backward)
     score_mod, mask_mod = variant.build(buffers)
     block_mask = create_block_mask(mask_mod, B, None, L, S, device=device, BLOCK_SIZE=block_size)
     out, aux = compiled(inputs["q"], inputs["k"], inputs["v"], score_mod=score_mod, block_mask=block_mask,
@@ -87,11 +82,8 @@ def _run_and_check(compiled, variant, *, B, Hq, Hkv, L, S, E, dtype, device, blo
         ours = dict(zip(differentiable, torch.autograd.grad(loss, list(differentiable.values()))))
 
     fields, scale = block_mask.as_tuple(), 1.0 / math.sqrt(E)
-    gold_out, gold_lse, gold_grads = oracle._reference_run(
-        variant, oracle._gold_copies(inputs), oracle._gold_copies(buffers), fields, scale, grad_out, grad_lse)
-    base_out, base_lse, base_grads = oracle._reference_run(
-        variant, oracle._same_dtype_copies(inputs), oracle._same_dtype_copies(buffers), fields, scale,
-        grad_out, grad_lse)
+    (gold_out, gold_lse, gold_grads), (base_out, base_lse, base_grads) = oracle.gold_and_baseline(
+        variant, inputs, buffers, fields, scale, grad_out, grad_lse)
     label = f"{variant.name} B={B} L={L} S={S}"
     oracle.assert_within(f"{label} out", out, gold_out, base_out)
     oracle.assert_within(f"{label} lse", aux.lse, gold_lse, base_lse)
@@ -261,20 +253,6 @@ def test_lengths_and_batches_without_recompiles_gpu(dtype):
     _sweep(GPU_SIZES, call)
 
 
-@pytest.fixture
-def decode_calls(monkeypatch):
-    """Counts compilations through the decode lowering."""
-    calls = []
-    original = triton_decode.lower_decode_triton
-
-    def counting(*args):
-        calls.append(args)
-        return original(*args)
-
-    monkeypatch.setattr(triton_decode, "lower_decode_triton", counting)
-    return calls
-
-
 def _ragged_alibi(buffers):
     lengths, slopes = buffers["lengths"], buffers["slopes"]
 
@@ -300,7 +278,7 @@ DECODE_SIZES = [(5, 3100), (3, 700), (2, 1970), (4, 333), (3, 5280), (6, 415), (
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_decode_kv_lengths_without_recompiles_gpu(decode_calls):
+def test_decode_kv_lengths_without_recompiles_gpu(decode_runs):
     """One query token (a static size of 1), GQA group 4, per-batch cache lengths: the split-KV
     decode kernel serves every cache length and batch size from one compile."""
 
@@ -309,4 +287,4 @@ def test_decode_kv_lengths_without_recompiles_gpu(decode_calls):
                        device="cuda", block_size=128, backward=False)
 
     _sweep(DECODE_SIZES, call)
-    assert decode_calls, "the decode kernel did not run"
+    assert decode_runs, "the decode kernel did not run"
