@@ -25,6 +25,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import oracle
 from catalogue import Variant
+from decode_cases import _ragged_lengths as ragged_lengths_mods
 from decode_cases import decode_runs  # noqa: F401 (fixture)
 from inductor_flex import AuxRequest, create_block_mask, flex_attention
 from inductor_flex.lowering import decomposed
@@ -253,24 +254,13 @@ def test_lengths_and_batches_without_recompiles_gpu(dtype):
     _sweep(GPU_SIZES, call)
 
 
-def _ragged_alibi(buffers):
-    lengths, slopes = buffers["lengths"], buffers["slopes"]
-
-    def alibi(score, b, h, q_idx, kv_idx):
-        return score + slopes[h] * (kv_idx - lengths[b])
-
-    def ragged(b, h, q_idx, kv_idx):
-        return kv_idx < lengths[b]
-
-    return alibi, ragged
-
-
 def _ragged_buffers(B, H, L, S, device):
     lengths = torch.randint(1, S + 1, (B,), device=device, dtype=torch.int32)
     return {"lengths": lengths, "slopes": torch.rand(H, device=device) * 0.25}
 
 
-RAGGED = Variant("ragged_alibi", _ragged_alibi, _ragged_buffers)
+# decode_cases' ragged-length ALiBi mods, every sequence at least one token long.
+RAGGED = Variant("ragged_alibi", ragged_lengths_mods, _ragged_buffers)
 
 DECODE_SIZES = [(5, 3100), (3, 700), (2, 1970), (4, 333), (3, 5280), (6, 415), (2, 640), (5, 777), (3, 4470),
                 (4, 888), (2, 2570)]
