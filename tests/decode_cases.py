@@ -114,7 +114,12 @@ def check_decode(variant, *, B=1, Hq=2, Hkv=1, Lq=1, S=40, E=16, Ev=None, block_
                                    ref_score or (lambda s, b, h, m, n: s), ref_fields, scale)
 
     gold, same = reference(torch.float64), reference(dtype)
-    oracle.assert_within(f"{variant.name} out", out, gold[0], same[0])
-    oracle.assert_within(f"{variant.name} lse", aux.lse, gold[1], same[1])
+    # The split-KV kernel normalises each split's partial result and merges them by their lse:
+    # one more rounded term per split (up to one per KV block) than a single pass, which the
+    # oracle's round-off floor counts (without it, float32 ragged_lengths once gave 4.2e-6 against
+    # an eager error of 1.5e-6).
+    splits = max(1, math.ceil(S / (block_size if isinstance(block_size, int) else block_size[1])))
+    oracle.assert_within(f"{variant.name} out", out, gold[0], same[0], terms_per_element=splits)
+    oracle.assert_within(f"{variant.name} lse", aux.lse, gold[1], same[1], terms_per_element=splits)
     oracle.assert_within(f"{variant.name} max", aux.max_scores, gold[2], same[2])
     return out, aux
