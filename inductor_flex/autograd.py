@@ -24,7 +24,7 @@ from ._compat.joint import (
     make_aot_config,
     suspend_functionalization,
 )
-from .mods import index_examples
+from .mods import gradient_summands, index_examples
 
 
 def _like(t):
@@ -71,13 +71,6 @@ def build_joint_graph(score_mod, query: torch.Tensor, score_mod_buffers: tuple):
     return _zero_where_no_gradient_flows(graph_module)
 
 
-def _summands(node):
-    if node.op == "call_function" and node.target is torch.ops.aten.add.Tensor and len(node.args) == 2 \
-            and all(isinstance(a, torch.fx.Node) for a in node.args):
-        return _summands(node.args[0]) + _summands(node.args[1])
-    return [node]
-
-
 def _zero_where_no_gradient_flows(graph_module):
     """Where the modified score's gradient is exactly 0, every gradient term is 0.
 
@@ -106,7 +99,7 @@ def _zero_where_no_gradient_flows(graph_module):
         for position, term in enumerate(outputs):
             if position in (1, 2, 3, 4) or not isinstance(term, torch.fx.Node):
                 continue
-            if any(s.op == "call_function" and s.target is scatter for s in _summands(term)):
+            if any(s.op == "call_function" and s.target is scatter for s in gradient_summands(term)):
                 continue  # indexed reads: their scattered values are guarded above
             outputs[position] = guarded(term)
     output.args = (type(output.args[0])(outputs),)

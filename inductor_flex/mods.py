@@ -58,7 +58,7 @@ def check_mod_output(role: str, value, expected_shape: tuple) -> None:
     if role == "score_mod" and not value.is_floating_point():
         raise TypeError(
             f"score_mod must return a floating-point score, but it returned dtype {value.dtype}; "
-            "return an expression of `score` (e.g. `score + bias[h]`)."
+            + RETURN_HINT[role]
         )
     if role == "mask_mod" and value.dtype != torch.bool:
         raise TypeError(
@@ -149,6 +149,14 @@ def check_mod_arity(fn: Callable, expected: int, role: str) -> None:
             f"{role} takes {arity} positional arguments but must take {expected}: "
             f"define it as `{signature}`."
         )
+
+
+def gradient_summands(node) -> list:
+    """The terms of a joint-graph gradient that autograd accumulated with additions."""
+    if node.op == "call_function" and node.target is torch.ops.aten.add.Tensor and not node.kwargs \
+            and len(node.args) == 2 and all(isinstance(a, torch.fx.Node) for a in node.args):
+        return gradient_summands(node.args[0]) + gradient_summands(node.args[1])
+    return [node]
 
 
 def joint_outputs_per_position(graph_module, n_grid_inputs: int) -> list:

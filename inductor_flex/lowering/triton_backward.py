@@ -51,6 +51,7 @@ from .._compat.inductor import (
     select_algorithm,
 )
 from ..kernel_options import options_for
+from ..mods import gradient_summands
 from .configs import backward_configs, fit_tile
 from .triton_forward import (
     _INDEX_DTYPES,
@@ -84,14 +85,6 @@ class CapturedTerm:
 class CapturedGradPlan:
     graph_module: object  # the rewritten joint graph: [grad_score, value0, index0, value1, ...]
     terms: list
-
-
-def _summands(node):
-    """The terms of a gradient that autograd accumulated with additions."""
-    if node.op == "call_function" and node.target is torch.ops.aten.add.Tensor and not node.kwargs \
-            and len(node.args) == 2 and all(isinstance(a, torch.fx.Node) for a in node.args):
-        return _summands(node.args[0]) + _summands(node.args[1])
-    return [node]
 
 
 def _grid_dependencies(node, placeholders) -> set:
@@ -149,7 +142,7 @@ def plan_captured_grads(joint_graph_module, score_mod_buffers):
             if not isinstance(buffer, ir.IRNode):
                 continue
             shape = [_static(s) for s in buffer.get_size()]
-            summands = _summands(grad)
+            summands = gradient_summands(grad)
             for summand in summands:
                 if summand.op == "call_function" and summand.target is zeros_and_scatter_op():
                     _, indices, values = summand.args
