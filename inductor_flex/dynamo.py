@@ -20,6 +20,8 @@ from ._compat.dynamo import (
     Unsupported,
     VariableTracker,
     discard_graph_changes,
+    dynamo_config,
+    guard_float,
     hop_variable_registry,
     make_attr,
     proxy_args_kwargs,
@@ -56,6 +58,51 @@ def _example_value(variable):
     return proxy.node.meta.get("example_value") if isinstance(proxy, torch.fx.Proxy) else proxy
 
 
+def _specialise_float_symbols(graph, lifted):
+    """Replace every symbolic float of a mod's subgraph by its value, guarded.
+
+    A float the compiled function reads elsewhere too (``q * (1 / cap)``) or one computed from a
+    dynamic int (``window * 0.01``) is a SymFloat in the subgraph; no lowering can put one into
+    a kernel (Inductor would even bake in the value of the compile that made it dynamic, a
+    silent wrong answer on the next value). Guarding on the value recompiles per value instead,
+    as for any specialised constant. Returns the lifted inputs still used by the subgraph.
+    """
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    lifted_placeholders = dict(zip(placeholders[len(placeholders) - len(lifted):], lifted))
+    for node in list(graph.nodes):
+        if not isinstance(node.meta.get("example_value"), torch.SymFloat):
+            continue
+        value = guard_float(node.meta["example_value"])
+        for user in list(node.users):
+            user.args = torch.fx.node.map_arg(user.args, lambda arg: value if arg is node else arg)
+            user.kwargs = torch.fx.node.map_arg(user.kwargs, lambda arg: value if arg is node else arg)
+    graph.eliminate_dead_code()
+    kept = []
+    for node, outer in lifted_placeholders.items():
+        if node.users or not isinstance(node.meta.get("example_value"), torch.SymFloat):
+            kept.append(outer)
+        else:
+            graph.erase_node(node)
+    return tuple(kept)
+
+
+def _on_device(tx, buffers, device):
+    """Captured 0-d CPU tensors moved to the query's device, in the graph.
+
+    ``score * torch.tensor(0.7)`` with CUDA inputs is ordinary torch (a CPU scalar mixes with
+    any device), but Inductor hands a 0-d CPU graph input to a Triton kernel as a Python number,
+    while our kernels read captured tensors through pointers. A ``.to(device)`` in the graph
+    gives the kernels a device tensor, and autograd carries the gradient back to the CPU.
+    """
+    moved = []
+    for proxy in buffers:
+        value = _example_value(proxy)
+        if isinstance(value, torch.Tensor) and value.dim() == 0 and value.device != device:
+            proxy = wrap_fx_proxy(tx, tx.output.create_proxy("call_method", "to", (proxy, device), {})).as_proxy()
+        moved.append(proxy)
+    return tuple(moved)
+
+
 class FlexAttentionVariable(TorchHigherOrderOperatorVariable):
     _HOP_NAME = "inductor_flex_attention"
     _ALLOW_FALLBACK_TO_EAGER = False
@@ -87,7 +134,10 @@ class FlexAttentionVariable(TorchHigherOrderOperatorVariable):
                 raise CaptureTypeError(str(error)) from None
 
         try:
-            with TransformGetItemToIndex():
+            # A Python float the mod closes over stays a constant of the subgraph (one compile
+            # per value, like any specialised constant): with Dynamo's automatic dynamic it would
+            # become a graph input read by .item() inside the subgraph, which no kernel can run.
+            with TransformGetItemToIndex(), dynamo_config.patch(specialize_float=True):
                 (_output, _spec), graph, lifted = speculate_subgraph(
                     tx,
                     mod,
@@ -117,6 +167,7 @@ class FlexAttentionVariable(TorchHigherOrderOperatorVariable):
                 "a tensor captured by mask_mod requires grad; masks are not differentiable: "
                 "detach it (`t.detach()`), or move the learnable part into score_mod."
             )
+        lifted = _specialise_float_symbols(graph, lifted)
         name = tx.output.install_subgraph(role, torch.fx.GraphModule(tx.output.nn_modules, graph))
         return make_attr(tx, name), tuple(lifted)
 
@@ -131,6 +182,10 @@ class FlexAttentionVariable(TorchHigherOrderOperatorVariable):
         register_lowerings()
         score_node, score_buffers = self._speculate_mod(tx, query, score_mod, "score_mod")
         mask_node, mask_buffers = self._speculate_mod(tx, query, block_mask.items[-1], "mask_mod")
+
+        device = _example_value(query).device
+        score_buffers = _on_device(tx, score_buffers, device)
+        mask_buffers = _on_device(tx, mask_buffers, device)
 
         sparse_fields = TupleVariable(block_mask.items[:-1])
         (query_p, key_p, value_p, sparse_p, scale_p, options_p), _ = proxy_args_kwargs(

@@ -132,3 +132,79 @@ def test_fully_masked_rows_give_zero_and_finite_grads():
     for t in (q, k, v):
         assert torch.isfinite(t.grad).all()
     assert torch.all(q.grad[:, :, 1::2] == 0)
+
+
+def _scaled_query(q, cap):  # the float is read outside the mods too: a SymFloat after a recompile
+    return q * (1.0 / cap)
+
+
+SYMBOLIC_FLOAT_CASES = {
+    # softcap whose cap the compiled function also uses outside score_mod
+    "float_read_outside": (
+        lambda q, cap: _scaled_query(q, cap),
+        lambda cap: lambda score, b, h, q_idx, kv_idx: cap * torch.tanh(score / cap),
+        None,
+    ),
+    # a float computed from an int that becomes dynamic (window * 0.01)
+    "float_from_dynamic_int": (
+        lambda q, window: q * window,
+        lambda window: lambda score, b, h, q_idx, kv_idx: score + window * 0.01 * (q_idx - kv_idx),
+        lambda window: lambda b, h, q_idx, kv_idx: (q_idx - kv_idx).abs() <= window,
+    ),
+    # a float in mask_mod, read outside too
+    "float_in_mask_mod": (
+        lambda q, cap: _scaled_query(q, cap),
+        None,
+        lambda cap: lambda b, h, q_idx, kv_idx: (q_idx - kv_idx).abs() * 0.5 <= cap,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SYMBOLIC_FLOAT_CASES), ids=str)
+def test_symbolic_floats_are_specialised(case):
+    """A Python number that Dynamo makes dynamic on a recompile (automatic dynamic) reaches a mod
+    as a SymFloat. It used to fail to lower, or worse, lower with the value of the compile that
+    made it dynamic: a silent wrong answer for the next value. Each value must give its own
+    answer, forward and backward."""
+    prepare, make_score_mod, make_mask_mod = SYMBOLIC_FLOAT_CASES[case]
+
+    def attend(q, k, v, value):
+        q = prepare(q, value)
+        score_mod = make_score_mod(value) if make_score_mod else None
+        mask = None
+        if make_mask_mod:
+            mask = create_block_mask(make_mask_mod(value), None, None, q.shape[-2], k.shape[-2],
+                                     device=q.device, BLOCK_SIZE=16)
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=mask)
+
+    compiled = torch.compile(attend, fullgraph=True)
+    values = (4, 5, 7, 5) if case == "float_from_dynamic_int" else (4.0, 5.0, 7.5, 5.0)
+    for value in values:
+        q, k, v = (torch.randn(1, 2, 40, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+        out = compiled(*(t.float() for t in (q, k, v)), value)
+        (grad_q,) = torch.autograd.grad(out.sum(), q)
+        gold = attend(q, k, v, value)
+        (gold_grad_q,) = torch.autograd.grad(gold.sum(), q)
+        torch.testing.assert_close(out.double(), gold, atol=2e-5, rtol=2e-5, msg=f"value {value}")
+        torch.testing.assert_close(grad_q, gold_grad_q, atol=1e-4, rtol=1e-4, msg=f"value {value}")
+
+
+def test_zero_dim_capture_moves_to_query_device():
+    """A captured 0-d CPU tensor with inputs on another device is moved there in the graph (a
+    CPU scalar mixes with any device in torch; our kernels read captured tensors through
+    pointers). Without a GPU the devices are swapped: a 0-d meta tensor with CPU inputs, only
+    traced (the graph is not run). test_fuzz.py runs a CPU scalar with CUDA inputs on a GPU."""
+    graphs = []
+
+    def keep_graph(gm, example_inputs):
+        graphs.append(gm)
+        return lambda *args: (torch.zeros(1, 2, 32, 16),)
+
+    weight = torch.tensor(0.7, device="meta")
+    q, k, v = (torch.randn(1, 2, 32, 16) for _ in range(3))
+    torch.compile(flex_attention, fullgraph=True, backend=keep_graph)(
+        q, k, v, score_mod=lambda score, b, h, q_idx, kv_idx: score * weight)
+    (move,) = [node for node in graphs[0].graph.nodes if node.target == "to"]
+    assert move.args[1] == torch.device("cpu")
+    (attention,) = [node for node in graphs[0].graph.nodes if "inductor_flex_attention" in str(node.target)]
+    assert attention.args[7] == (move,)  # the score_mod buffers: the moved scalar

@@ -1,5 +1,6 @@
 """Private Dynamo pieces for teaching Dynamo our higher-order operators."""
 
+from torch._dynamo import config as dynamo_config
 from torch._dynamo import is_dynamo_supported, mark_static
 from torch._dynamo import reset as reset_dynamo
 from torch._dynamo.exc import UncapturedHigherOrderOpError, Unsupported
@@ -16,6 +17,7 @@ from torch._dynamo.variables.higher_order_ops import (
 )
 from torch._dynamo.variables.lists import TupleVariable
 from torch.fx.experimental.proxy_tensor import set_original_aten_op
+from torch.fx.experimental.symbolic_shapes import guard_float
 
 __all__ = [
     "ConstantVariable",
@@ -26,6 +28,8 @@ __all__ = [
     "VariableTracker",
     "disable_cache_limit",
     "discard_graph_changes",
+    "dynamo_config",
+    "guard_float",
     "hop_variable_registry",
     "is_dynamo_supported",
     "make_attr",
@@ -41,7 +45,6 @@ __all__ = [
 # ---------------------------------------------------------------- frames Dynamo runs uncompiled
 
 from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list, get_eval_frame_callback
-from torch._dynamo import config as dynamo_config
 from torch._dynamo import eval_frame as _eval_frame
 
 
