@@ -5,6 +5,7 @@ Drop-in for ``torch.nn.attention.flex_attention``: the same public names and sig
 
 from .api import AuxOutput, AuxRequest, flex_attention
 from .block_mask import BlockMask, and_masks, create_block_mask, create_mask, noop_mask, or_masks
+from .kernel_options import FlexKernelOptions
 from .merge import merge_attention_states
 from .paged import PagedKVCache
 
@@ -12,6 +13,7 @@ __all__ = [
     "AuxOutput",
     "AuxRequest",
     "BlockMask",
+    "FlexKernelOptions",
     "and_masks",
     "create_block_mask",
     "create_mask",

@@ -51,9 +51,9 @@ ACCELERATOR_TILE_ELEMENTS = 1 << 26
 COMPILED_TILE_ELEMENTS = 1 << 30
 
 
-def noop_mask(b, h, q_idx, kv_idx):
-    """mask_mod that allows every position."""
-    return b.new_ones((), dtype=torch.bool)
+def noop_mask(batch, head, token_q, token_kv):
+    """mask_mod that allows every position (parameter names as torch's)."""
+    return batch.new_ones((), dtype=torch.bool)
 
 
 def and_masks(*mask_mods: Callable) -> Callable:
@@ -203,6 +203,16 @@ def _dense_to_ordered(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return num_blocks.contiguous(), indices.contiguous()
 
 
+def _check_dq_order_fields(write_order, write_order_full, kv_order, kv_order_spt) -> None:
+    for name, value in (("dq_write_order", write_order), ("dq_write_order_full", write_order_full),
+                        ("dq_kv_order", kv_order)):
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor or None, got {type(value).__name__} (it is unused: pass None).")
+    if kv_order_spt is not None and not isinstance(kv_order_spt, bool):
+        raise TypeError(f"dq_kv_order_spt must be a bool or None, got {type(kv_order_spt).__name__} "
+                        "(it is unused: pass None).")
+
+
 def _check_block_list(name: str, num_blocks, indices) -> None:
     for tensor_name, tensor in ((f"{name}_num_blocks", num_blocks), (f"{name}_indices", indices)):
         if not isinstance(tensor, torch.Tensor):
@@ -278,9 +288,17 @@ class BlockMask:
         q_indices: torch.Tensor | None,
         full_q_num_blocks: torch.Tensor | None,
         full_q_indices: torch.Tensor | None,
-        BLOCK_SIZE: int | tuple[int, int] = DEFAULT_BLOCK_SIZE,
-        mask_mod: Callable | None = None,
+        BLOCK_SIZE: int | tuple[int, int] = (DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_SIZE),
+        mask_mod: Callable | None = noop_mask,
+        *,
+        dq_write_order: torch.Tensor | None = None,
+        dq_write_order_full: torch.Tensor | None = None,
+        dq_kv_order: torch.Tensor | None = None,
+        dq_kv_order_spt: bool | None = None,
     ) -> None:
+        # The dq_* keywords are torch 2.13's write order for its dQ kernel: accepted so code
+        # written for torch runs, unused (our backward computes dQ per query block, no order).
+        _check_dq_order_fields(dq_write_order, dq_write_order_full, dq_kv_order, dq_kv_order_spt)
         # Tensors are not inspected here: pytree machinery rebuilds masks with placeholder leaves.
         for name, num, idx in (
             ("full_kv", full_kv_num_blocks, full_kv_indices),
@@ -314,12 +332,18 @@ class BlockMask:
         mask_mod: Callable | None = None,
         seq_lengths: tuple[int, int] | None = None,
         compute_q_blocks: bool = True,
+        *,
+        dq_write_order: torch.Tensor | None = None,
+        dq_write_order_full: torch.Tensor | None = None,
+        dq_kv_order: torch.Tensor | None = None,
     ) -> BlockMask:
         """BlockMask from KV block lists; the Q-direction lists are derived from them.
 
         Integer index tensors of another dtype are converted to int32. ``seq_lengths``
         defaults to whole blocks: (num_q_blocks * Q_BLOCK, num_kv_blocks * KV_BLOCK).
+        The ``dq_*`` keywords (torch 2.13) are accepted and unused, as in ``__init__``.
         """
+        _check_dq_order_fields(dq_write_order, dq_write_order_full, dq_kv_order, None)
         _check_block_list("kv", kv_num_blocks, kv_indices)
         if (full_kv_num_blocks is None) != (full_kv_indices is None):
             raise ValueError("full_kv_num_blocks and full_kv_indices must be given together or both be None.")
@@ -385,8 +409,11 @@ class BlockMask:
             mask_mod=mask_mod,
         )
 
-    def as_tuple(self) -> tuple:
-        """The 13 fields in the order the attention operators take them."""
+    def as_tuple(self, flatten: bool = True) -> tuple:
+        """The 13 fields in the order the attention operators take them; with
+        ``flatten=False`` the lengths and the block size stay pairs (11 fields)."""
+        if not flatten:
+            return (self.seq_lengths, *self.as_tuple()[2:10], self.BLOCK_SIZE, self.mask_mod)
         return (
             *self.seq_lengths,
             self.kv_num_blocks,

@@ -5,6 +5,7 @@ deep inside a compile. Keys may carry a ``fwd_`` or ``bwd_`` prefix to apply to 
 """
 
 import difflib
+from typing import TypedDict
 
 BACKENDS = ("AUTO", "TRITON", "DECOMPOSED")
 
@@ -33,6 +34,15 @@ KNOWN_OPTIONS = {
     "matrix_instr_nonkdim": ("int", "ROCm tuning knob, accepted for torch compatibility; ignored"),
     "waves_per_eu": ("int", "ROCm tuning knob, accepted for torch compatibility; ignored"),
 }
+
+_KIND_TYPES = {"tile": int, "warps": int, "stages": int, "int": int, "bool": bool, "backend": str}
+
+# The keys above as a TypedDict (all optional), named as torch names its own: for annotations.
+FlexKernelOptions = TypedDict(
+    "FlexKernelOptions",
+    {name: _KIND_TYPES[kind] for name, (kind, _meaning) in KNOWN_OPTIONS.items()},
+    total=False,
+)
 
 # torch's BACKEND values that inductor_flex has no separate kernel for, and what to pass instead.
 TORCH_ONLY_BACKENDS = {

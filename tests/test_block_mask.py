@@ -577,3 +577,18 @@ def test_create_block_mask_inside_a_fullgraph_compiled_module():
     lengths = torch.tensor([37, 100])
     compiled = torch.compile(Model(), fullgraph=True)(q, k, v, lengths)
     torch.testing.assert_close(compiled, Model()(q, k, v, lengths), atol=2e-5, rtol=2e-5)
+
+
+def test_torch_keywords_are_accepted_and_as_tuple_unflattened():
+    """torch 2.13's dQ write-order keywords are accepted (unused); as_tuple(flatten=False) keeps
+    the length and block-size pairs, as torch's does."""
+    mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, 1, 2, 64, 96, device="cpu", BLOCK_SIZE=32)
+    order = torch.zeros(1, 2, 3, dtype=torch.int32)
+    rebuilt = BlockMask(*mask.as_tuple(flatten=False)[:-1], mask_mod=mask.mask_mod, dq_write_order=order,
+                        dq_kv_order_spt=True)
+    assert torch.equal(rebuilt.to_dense(), mask.to_dense()) and rebuilt.BLOCK_SIZE == (32, 32)
+    flat = mask.as_tuple()
+    assert mask.as_tuple(flatten=False) == ((64, 96), *flat[2:10], (32, 32), mask.mask_mod)
+    again = BlockMask.from_kv_blocks(mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks,
+                                     mask.full_kv_indices, BLOCK_SIZE=32, dq_kv_order=order)
+    assert torch.equal(again.to_dense(), mask.to_dense())

@@ -1,0 +1,65 @@
+"""The public API is torch's: every name of ``torch.nn.attention.flex_attention.__all__`` exists
+here, and every parameter torch's functions and BlockMask's methods take, ours take too, in the
+same order, of the same kind, with the same default. Code written for torch runs by changing
+one import. Ours may take more (torch 2.11 lacks parameters 2.13 added), never fewer."""
+
+import inspect
+
+import pytest
+import torch.nn.attention.flex_attention as torch_flex
+
+import inductor_flex
+
+PUBLIC_NAMES = sorted(torch_flex.__all__)
+
+
+def _comparable_default(default):
+    if default is inspect.Parameter.empty:
+        return "<required>"
+    if callable(default):
+        return getattr(default, "__name__", repr(default))  # noop_mask is a different function object
+    return default
+
+
+def _parameters(function):
+    return [(p.name, p.kind, _comparable_default(p.default)) for p in inspect.signature(function).parameters.values()]
+
+
+def _assert_accepts_what_torch_accepts(ours, theirs, where):
+    our_params, their_params = _parameters(ours), _parameters(theirs)
+    names = [name for name, _kind, _default in our_params]
+    missing = [p for p in their_params if p[0] not in names]
+    assert not missing, f"{where}: torch takes {missing}, ours does not"
+    ours_in_torch_order = [p for p in our_params if p[0] in {q[0] for q in their_params}]
+    assert ours_in_torch_order == their_params, f"{where}: order, kind or default differs"
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    extra_positional = [p for p in our_params[: len(their_params)] if p not in their_params and p[1] in positional]
+    assert not extra_positional, f"{where}: extra positional parameters before torch's: {extra_positional}"
+
+
+@pytest.mark.parametrize("name", PUBLIC_NAMES)
+def test_name_exists(name):
+    assert hasattr(inductor_flex, name), f"inductor_flex lacks torch's public name {name}"
+
+
+@pytest.mark.parametrize("name", [n for n in PUBLIC_NAMES if inspect.isfunction(getattr(torch_flex, n))])
+def test_function_signature(name):
+    _assert_accepts_what_torch_accepts(getattr(inductor_flex, name), getattr(torch_flex, name), name)
+
+
+BLOCK_MASK_METHODS = sorted(
+    name for name, member in vars(torch_flex.BlockMask).items()
+    if callable(getattr(torch_flex.BlockMask, name)) and (not name.startswith("_") or name == "__init__")
+    and not isinstance(member, property)
+)
+
+
+@pytest.mark.parametrize("method", BLOCK_MASK_METHODS)
+def test_block_mask_method_signature(method):
+    assert hasattr(inductor_flex.BlockMask, method), f"BlockMask lacks torch's method {method}"
+    _assert_accepts_what_torch_accepts(getattr(inductor_flex.BlockMask, method),
+                                       getattr(torch_flex.BlockMask, method), f"BlockMask.{method}")
+
+
+def test_kernel_options_type_lists_torch_keys():
+    assert set(torch_flex.FlexKernelOptions.__annotations__) <= set(inductor_flex.FlexKernelOptions.__annotations__)
