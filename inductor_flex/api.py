@@ -123,7 +123,9 @@ def _validate_scale(scale, head_dim):
             "(for a 0-d tensor: scale.item())"
         )
     scale = float(scale)
-    if not math.isfinite(scale):
+    # Not math.isfinite: a scale Dynamo made symbolic (it changed between calls) compares, but
+    # math.isfinite of it is a graph break.
+    if scale != scale or abs(scale) == math.inf:
         raise ValueError(f"scale must be finite, got {scale}; pass a finite float (or None for 1/sqrt(head_dim))")
     return scale
 

@@ -11,6 +11,8 @@ A graph break inside a mod is a hard error naming the fix: falling back to eager
 O(S²) reference silently.
 """
 
+import types
+
 import torch
 
 from ._compat.dynamo import (
@@ -127,6 +129,8 @@ class FlexAttentionVariable(TorchHigherOrderOperatorVariable):
 
         # Under Dynamo flex_attention() cannot inspect the mod: check its arity here.
         function = getattr(mod, "fn", None)
+        if callable(function) and isinstance(getattr(mod, "obj", None), VariableTracker):
+            function = types.MethodType(function, object())  # a bound method: its self is given
         if callable(function):
             try:
                 check_mod_arity(function, SCORE_MOD_ARITY if role == "score_mod" else MASK_MOD_ARITY, role)
@@ -186,6 +190,10 @@ class FlexAttentionVariable(TorchHigherOrderOperatorVariable):
         device = _example_value(query).device
         score_buffers = _on_device(tx, score_buffers, device)
         mask_buffers = _on_device(tx, mask_buffers, device)
+
+        if isinstance(_example_value(scale), torch.SymFloat):
+            # A scale that changed between calls is symbolic; kernels take it as a constant.
+            scale = VariableTracker.build(tx, guard_float(_example_value(scale)))
 
         sparse_fields = TupleVariable(block_mask.items[:-1])
         (query_p, key_p, value_p, sparse_p, scale_p, options_p), _ = proxy_args_kwargs(

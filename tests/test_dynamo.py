@@ -208,3 +208,45 @@ def test_zero_dim_capture_moves_to_query_device():
     assert move.args[1] == torch.device("cpu")
     (attention,) = [node for node in graphs[0].graph.nodes if "inductor_flex_attention" in str(node.target)]
     assert attention.args[7] == (move,)  # the score_mod buffers: the moved scalar
+
+
+class _RelativeBias(torch.nn.Module):
+    """score_mod and mask_mod as methods of a module, reading its parameter."""
+
+    def __init__(self, heads):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.randn(heads, 16) * 0.1)
+
+    def score_mod(self, score, b, h, q_idx, kv_idx):
+        return score + self.bias[h, (q_idx - kv_idx).abs().clamp(max=15)]
+
+    def mask_mod(self, b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    def forward(self, q, k, v):
+        mask = create_block_mask(self.mask_mod, None, None, q.shape[-2], k.shape[-2], device=q.device, BLOCK_SIZE=16)
+        return flex_attention(q, k, v, score_mod=self.score_mod, block_mask=mask)
+
+
+def test_bound_methods_as_mods():
+    """self.score_mod: the capture's arity check does not count self (it used to reject it)."""
+    module = _RelativeBias(2)
+    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
+    out = torch.compile(module, fullgraph=True)(q, k, v)
+    out.sum().backward()
+    compiled_grad = module.bias.grad.clone()
+    module.bias.grad = None
+    module.double()(q.double(), k.double(), v.double()).sum().backward()
+    torch.testing.assert_close(out.double(), module(q.double(), k.double(), v.double()), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(compiled_grad.double(), module.bias.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_scale_changing_between_calls():
+    """Dynamo makes a scale that changed between calls symbolic: fullgraph must still compile
+    (math.isfinite of it was a graph break) and each scale give its own answer."""
+    compiled = torch.compile(flex_attention, fullgraph=True)
+    q, k, v = (torch.randn(1, 2, 33, 16, dtype=torch.float64) for _ in range(3))
+    for scale in (0.3, -0.5, 0.0, 2.0):
+        out = compiled(q.float(), k.float(), v.float(), scale=scale)
+        gold = flex_attention(q, k, v, scale=scale)  # eager: the float64 reference
+        torch.testing.assert_close(out.double(), gold, atol=2e-5, rtol=2e-5, msg=f"scale {scale}")
