@@ -74,7 +74,13 @@ def _specialise_float_symbols(graph, lifted):
     for node in list(graph.nodes):
         if not isinstance(node.meta.get("example_value"), torch.SymFloat):
             continue
-        value = guard_float(node.meta["example_value"])
+        try:
+            value = guard_float(node.meta["example_value"])
+        except Exception as error:  # a float read from tensor data (.item()) has no value to guard
+            raise CaptureTypeError(
+                f"a mod reads a float that torch.compile cannot keep constant ({node.meta['example_value']}); "
+                "pass the value as a tensor captured by the mod (e.g. cap = torch.tensor(cap)) instead."
+            ) from error
         for user in list(node.users):
             user.args = torch.fx.node.map_arg(user.args, lambda arg: value if arg is node else arg)
             user.kwargs = torch.fx.node.map_arg(user.kwargs, lambda arg: value if arg is node else arg)
