@@ -142,6 +142,25 @@ def _learnable_bias_buffers(B, H, L, S, device):
     return {"bias": torch.randn(B, H, L, S, device=device) * 0.5}
 
 
+def _constant_index(buffers):
+    """Captured tensors read at constant positions too: ``table[h, 1]``, ``table[0, 2]``,
+    ``window[0]`` (Inductor turns the constants into 0-d index tensors)."""
+    table, window = buffers["head_table"], buffers["window"]
+
+    def constant_index(score, b, h, q_idx, kv_idx):
+        return score + table[h, 1] - 0.05 * table[0, 2] * (q_idx - kv_idx).abs()
+
+    def within_window(b, h, q_idx, kv_idx):
+        return (q_idx - kv_idx).abs() <= window[0]
+
+    return constant_index, within_window
+
+
+def _constant_index_buffers(B, H, L, S, device):
+    return {"head_table": torch.randn(H, 3, device=device) * 0.5,
+            "window": torch.tensor([17], dtype=torch.int32, device=device)}
+
+
 def _softcap_document(buffers):
     score_mod, _ = _softcap(buffers)
     _, mask_mod = _document(buffers)
@@ -162,5 +181,6 @@ CATALOGUE = [
     Variant("head_batch_bias", _head_batch_bias, _head_batch_buffers, learnable=("bias_bh",)),
     Variant("learnable_bias", _learnable_bias, _learnable_bias_buffers, learnable=("bias",)),
     Variant("softcap_document", _softcap_document, _document_buffers),
+    Variant("constant_index", _constant_index, _constant_index_buffers, learnable=("head_table",)),
 ]
 BY_NAME = {v.name: v for v in CATALOGUE}

@@ -49,6 +49,9 @@ CASES = [
     ("causal", dict(L=67, S=45, block_size=(64, 32))),
     ("softcap_document", dict(B=1, Hq=2, Hkv=1, L=300, S=300, dtype=torch.bfloat16)),
     ("learnable_bias", dict(L=40, S=33, dtype=torch.float64)),
+    # constant indices into captured tensors, a learnable one included (functorch asserted on
+    # them in the decomposition's fake tracing)
+    ("constant_index", dict(B=1, L=50, S=45)),
 ]
 
 

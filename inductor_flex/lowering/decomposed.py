@@ -541,22 +541,66 @@ def _trace_and_inline(fn, ir_inputs, deterministic=False):
 
 
 def _graph_module(subgraph):
-    """The mod's FX graph, made fit for vmap: ``prims.convert_element_type`` (which the graphs
-    hold after AOT decomposition) has no batching rule, and vmap's per-element fallback would
-    unroll one op per grid point into the trace; it becomes ``aten._to_copy``. A copy is
-    rewritten: the subgraph is shared with the rest of the graph."""
+    """The mod's FX graph, made fit for vmap under fake tracing. A copy is rewritten: the
+    subgraph is shared with the rest of the graph.
+
+    - ``prims.convert_element_type`` (which the graphs hold after AOT decomposition) has no
+      batching rule, and vmap's per-element fallback would unroll one op per grid point into
+      the trace; it becomes ``aten._to_copy``.
+    - ``aten.index`` with a constant 0-d index (``bias[h, 0]`` gives ``index(bias, [h,
+      full([], 0)])``) trips an internal assert of functorch under fake tracing (torch 2.13);
+      the constant becomes an ``aten.select`` first: ``index(select(bias, 1, 0), [h])``.
+    """
     graph_module = subgraph.graph_module if isinstance(subgraph, ir.Subgraph) else subgraph
     convert = torch.ops.prims.convert_element_type.default
-    if not any(n.op == "call_function" and n.target is convert for n in graph_module.graph.nodes):
+    if not any(_needs_rewrite(node, convert) for node in graph_module.graph.nodes):
         return graph_module
     graph = copy.deepcopy(graph_module.graph)
-    for node in graph.nodes:
+    for node in list(graph.nodes):
         if node.op == "call_function" and node.target is convert:
             source, dtype = node.args
             node.target = torch.ops.aten._to_copy.default
             node.args = (source,)
             node.kwargs = {"dtype": dtype}
+        elif _constant_index_positions(node):
+            _select_constant_indices(graph, node)
+    graph.eliminate_dead_code()
     return torch.fx.GraphModule(graph_module, graph)
+
+
+def _needs_rewrite(node, convert) -> bool:
+    return (node.op == "call_function" and node.target is convert) or bool(_constant_index_positions(node))
+
+
+def _constant_int(node):
+    """The value of a node that makes a constant 0-d integer tensor, else None."""
+    if (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is torch.ops.aten.full.default
+            and list(node.args[0]) == [] and isinstance(node.args[1], int) and not isinstance(node.args[1], bool)):
+        return node.args[1]
+    return None
+
+
+def _constant_index_positions(node) -> list:
+    """Positions of constant 0-d indices in an ``aten.index`` whose indices are all tensors."""
+    if node.op != "call_function" or node.target is not torch.ops.aten.index.Tensor:
+        return []
+    indices = node.args[1]
+    if any(index is None for index in indices):
+        return []
+    return [dim for dim, index in enumerate(indices) if _constant_int(index) is not None]
+
+
+def _select_constant_indices(graph, node):
+    source, indices = node.args
+    constant_dims = _constant_index_positions(node)
+    with graph.inserting_before(node):
+        selected = source
+        for dim in reversed(constant_dims):  # from the last, so earlier dims keep their position
+            selected = graph.call_function(torch.ops.aten.select.int, (selected, dim, _constant_int(indices[dim])))
+        rest = [index for dim, index in enumerate(indices) if dim not in constant_dims]
+        replacement = graph.call_function(torch.ops.aten.index.Tensor, (selected, rest)) if rest else selected
+    node.replace_all_uses_with(replacement)
+    graph.erase_node(node)
 
 
 def _is_tensor(x):
