@@ -111,8 +111,6 @@ def _validate_scale(scale, head_dim):
     """The softmax scale: ``1/sqrt(head_dim)`` for None, else a finite real number as a float."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, (torch.SymInt, torch.SymFloat)):
-        return scale  # traced under dynamic shapes: not a value to check here
     # Real numbers (numpy scalars included) convert exactly; a tensor would need a device sync.
     is_number = isinstance(scale, (int, float)) or (
         isinstance(scale, numbers.Real) and not isinstance(scale, torch.Tensor)
@@ -278,12 +276,9 @@ def flex_attention(
         ``(out, lse)`` when ``return_lse=True``.
     """
     _validate_tensors(query, key, value, enable_gqa)
-    # Under Dynamo the mods' signatures cannot be inspected; a wrong arity fails its capture.
-    checking_arity = not torch.compiler.is_dynamo_compiling()
     if score_mod is None:
         score_mod = identity_score_mod
-    if checking_arity:
-        check_mod_arity(score_mod, SCORE_MOD_ARITY, "score_mod")
+    check_mod_arity(score_mod, SCORE_MOD_ARITY, "score_mod")
     if kernel_options is not None and not isinstance(kernel_options, dict):
         raise TypeError(
             f"kernel_options must be a dict or None, got {type(kernel_options).__name__}; "
@@ -297,8 +292,7 @@ def flex_attention(
         # We built it: every row lists blocks 0, 1, 2, ... so kernels need not load the list.
         options.setdefault("BLOCKS_ARE_CONTIGUOUS", True)
     _validate_block_mask(block_mask, query, key)
-    if checking_arity:
-        check_mod_arity(block_mask.mask_mod, MASK_MOD_ARITY, "mask_mod")
+    check_mod_arity(block_mask.mask_mod, MASK_MOD_ARITY, "mask_mod")
     scale = _validate_scale(scale, query.size(-1))
     if return_lse and return_aux is not None:
         raise ValueError("pass either return_lse=True or return_aux=AuxRequest(...), not both")

@@ -250,3 +250,16 @@ def test_scale_changing_between_calls():
         out = compiled(q.float(), k.float(), v.float(), scale=scale)
         gold = flex_attention(q, k, v, scale=scale)  # eager: the float64 reference
         torch.testing.assert_close(out.double(), gold, atol=2e-5, rtol=2e-5, msg=f"scale {scale}")
+
+
+def test_scale_from_a_dynamic_size():
+    """A scale computed from a size that dynamic=True makes symbolic is a symbolic float: it
+    passes the scale checks and is specialised per value."""
+    def attend(q, k, v):
+        return flex_attention(q, k, v, scale=q.shape[-2] / (40 * math.sqrt(q.shape[-1])))
+
+    compiled = torch.compile(attend, fullgraph=True, dynamic=True)
+    for length in (40, 50, 60):
+        q, k, v = (torch.randn(1, 2, length, 16, dtype=torch.float64) for _ in range(3))
+        out = compiled(q.float(), k.float(), v.float())
+        torch.testing.assert_close(out.double(), attend(q, k, v), atol=2e-5, rtol=2e-5, msg=f"length {length}")
