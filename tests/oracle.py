@@ -168,3 +168,35 @@ def _check_against_torch(variant, inputs, buffers, B, Hq, L, S, block_size, out,
     )
     assert_within(f"{variant.name} out vs torch", out.detach(), gold_out.detach(), torch_out)
     assert_within(f"{variant.name} lse vs torch", lse.detach(), gold_lse.detach(), torch_aux.lse)
+
+
+def check_call(compiled, variant, *, B, Hq, Hkv, L, S, E, dtype, device, block_size, backward=True):
+    """One call of ``compiled`` (flex_attention's signature) on fresh data, and its outputs and
+    gradients checked against the float64 oracle, as ``run_variant`` does."""
+    buffers, inputs = make_case(variant, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=E, Ev=E, dtype=dtype,
+                                device=device, backward=backward)
+    score_mod, mask_mod = variant.build(buffers)
+    block_mask = (
+        create_block_mask(mask_mod, B, None, L, S, device=device, BLOCK_SIZE=block_size) if mask_mod else None
+    )
+    out, aux = compiled(inputs["q"], inputs["k"], inputs["v"], score_mod=score_mod, block_mask=block_mask,
+                        enable_gqa=Hq != Hkv, return_aux=AuxRequest(lse=True))
+    grad_out = torch.randn_like(out)
+    grad_lse = torch.randn_like(aux.lse, dtype=torch.float64) * 0.1
+    ours = {}
+    if backward:
+        finite_lse = torch.where(torch.isfinite(aux.lse), aux.lse, 0).double()
+        loss = (out.double() * grad_out.double()).sum() + (finite_lse * grad_lse).sum()
+        differentiable = {n: t for n, t in (*inputs.items(), *buffers.items()) if t.requires_grad}
+        ours = dict(zip(differentiable, torch.autograd.grad(loss, list(differentiable.values()))))
+
+    fields = (block_mask or full_block_mask(L, S, device=device)).as_tuple()
+    scale = 1.0 / math.sqrt(E)
+    (gold_out, gold_lse, gold_grads), (base_out, base_lse, base_grads) = gold_and_baseline(
+        variant, inputs, buffers, fields, scale, grad_out, grad_lse)
+    label = f"{variant.name} B={B} L={L} S={S}"
+    assert_within(f"{label} out", out, gold_out, base_out)
+    assert_within(f"{label} lse", aux.lse, gold_lse, base_lse)
+    for name, grad in ours.items():
+        terms = B * Hq * L * S // grad.numel() if name in buffers else 1
+        assert_within(f"{label} d{name}", grad, gold_grads[name], base_grads[name], terms_per_element=terms)

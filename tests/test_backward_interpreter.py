@@ -240,3 +240,13 @@ def test_minus_inf_scores_scaled_by_a_learnable_tensor():
     for name, ours, expected in zip("qkvw", grads, gold):
         assert torch.isfinite(ours).all(), f"d{name}: not finite"
         torch.testing.assert_close(ours.double(), expected, atol=1e-4, rtol=1e-4, msg=f"d{name}")
+
+
+def test_batch_made_dynamic_by_a_recompile():
+    """A new batch size recompiles with the batch symbolic (automatic dynamic): query and key
+    batches are then two symbols, which are equal, not a broadcast key batch of 1 (the
+    GPU fuzz found dK/dV summed over the batch here)."""
+    compiled = torch.compile(flex_attention)
+    for B in (2, 3, 2):
+        oracle.check_call(compiled, BY_NAME["alibi"], B=B, Hq=4, Hkv=2, L=20, S=24, E=16, dtype=torch.float32,
+                          device="cpu", block_size=16)

@@ -17,7 +17,6 @@ run the Triton forward, backward and decode kernels.
 """
 
 import copy
-import math
 
 import pytest
 import torch
@@ -27,7 +26,7 @@ import oracle
 from catalogue import Variant
 from decode_cases import _ragged_lengths as ragged_lengths_mods
 from decode_cases import decode_runs  # noqa: F401 (fixture)
-from inductor_flex import AuxRequest, create_block_mask, flex_attention
+from inductor_flex import create_block_mask, flex_attention
 from inductor_flex.lowering import decomposed
 
 CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
@@ -64,35 +63,6 @@ def _alibi_documents_buffers(B, H, L, S, device):
 ALIBI_DOCUMENTS = Variant("alibi_documents", _alibi_documents, _alibi_documents_buffers, learnable=("slopes",))
 
 
-def _run_and_check(compiled, variant, *, B, Hq, Hkv, L, S, E, dtype, device, block_size, backward=True):
-    """One call of ``compiled`` (flex_attention's signature) on fresh data, and its outputs and
-    gradients checked against the float64 oracle, as ``oracle.run_variant`` does."""
-    buffers, inputs = oracle.make_case(variant, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=E, Ev=E, dtype=dtype,
-                                       device=device, backward=backward)
-    score_mod, mask_mod = variant.build(buffers)
-    block_mask = create_block_mask(mask_mod, B, None, L, S, device=device, BLOCK_SIZE=block_size)
-    out, aux = compiled(inputs["q"], inputs["k"], inputs["v"], score_mod=score_mod, block_mask=block_mask,
-                        enable_gqa=Hq != Hkv, return_aux=AuxRequest(lse=True))
-    grad_out = torch.randn_like(out)
-    grad_lse = torch.randn_like(aux.lse, dtype=torch.float64) * 0.1
-    ours = {}
-    if backward:
-        finite_lse = torch.where(torch.isfinite(aux.lse), aux.lse, 0).double()
-        loss = (out.double() * grad_out.double()).sum() + (finite_lse * grad_lse).sum()
-        differentiable = {n: t for n, t in (*inputs.items(), *buffers.items()) if t.requires_grad}
-        ours = dict(zip(differentiable, torch.autograd.grad(loss, list(differentiable.values()))))
-
-    fields, scale = block_mask.as_tuple(), 1.0 / math.sqrt(E)
-    (gold_out, gold_lse, gold_grads), (base_out, base_lse, base_grads) = oracle.gold_and_baseline(
-        variant, inputs, buffers, fields, scale, grad_out, grad_lse)
-    label = f"{variant.name} B={B} L={L} S={S}"
-    oracle.assert_within(f"{label} out", out, gold_out, base_out)
-    oracle.assert_within(f"{label} lse", aux.lse, gold_lse, base_lse)
-    for name, grad in ours.items():
-        terms = B * Hq * L * S // grad.numel() if name in buffers else 1
-        oracle.assert_within(f"{label} d{name}", grad, gold_grads[name], base_grads[name], terms_per_element=terms)
-
-
 def _sweep(sizes, call):
     """``call(B, L)`` for every size: the first compiles, none of the others may recompile."""
     counter = CompileCounterWithBackend("inductor")
@@ -122,7 +92,7 @@ def test_lengths_and_batches_without_recompiles_cpu(monkeypatch):
     monkeypatch.setattr(decomposed, "CHUNK_ELEMENTS", B * 4 * L * L // 2)
 
     def call(compiled, B, L):
-        _run_and_check(compiled, ALIBI_DOCUMENTS, B=B, Hq=4, Hkv=2, L=L, S=L, E=16, dtype=torch.float32,
+        oracle.check_call(compiled, ALIBI_DOCUMENTS, B=B, Hq=4, Hkv=2, L=L, S=L, E=16, dtype=torch.float32,
                        device="cpu", block_size=16)
 
     _sweep(SELF_ATTENTION_SIZES, call)
@@ -248,7 +218,7 @@ def test_lengths_and_batches_without_recompiles_gpu(dtype):
         "alibi_documents_fixed_slopes", _alibi_documents, _alibi_documents_buffers)
 
     def call(compiled, B, L):
-        _run_and_check(compiled, variant, B=B, Hq=8, Hkv=2, L=L, S=L, E=64, dtype=dtype, device="cuda",
+        oracle.check_call(compiled, variant, B=B, Hq=8, Hkv=2, L=L, S=L, E=64, dtype=dtype, device="cuda",
                        block_size=128)
 
     _sweep(GPU_SIZES, call)
@@ -273,7 +243,7 @@ def test_decode_kv_lengths_without_recompiles_gpu(decode_runs):
     decode kernel serves every cache length and batch size from one compile."""
 
     def call(compiled, B, S):
-        _run_and_check(compiled, RAGGED, B=B, Hq=8, Hkv=2, L=1, S=S, E=64, dtype=torch.bfloat16,
+        oracle.check_call(compiled, RAGGED, B=B, Hq=8, Hkv=2, L=1, S=S, E=64, dtype=torch.bfloat16,
                        device="cuda", block_size=128, backward=False)
 
     _sweep(DECODE_SIZES, call)

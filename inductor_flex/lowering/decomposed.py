@@ -208,11 +208,16 @@ class _Problem:
         self.buffer_slots = buffer_slots  # score_mod then mask_mod buffers: _TENSOR, _SYMBOL or a constant
         self.n_score_buffers = n_score_buffers
         self.has_full = has_full
-        # Keys/values of batch 1 under a larger (or symbolic) query batch; the API guarantees
-        # that a key batch other than 1 is the query batch.
-        known = V.graph.sizevars.statically_known_true
-        self.broadcast_kv = known(sympy.Eq(kv_batch, 1)) and not known(sympy.Eq(batch, 1))
+        self.broadcast_kv = kv_batch_broadcast(batch, kv_batch)
         self.chunking = _chunking(batch, self.q_heads, q_len, kv_len)
+
+
+def kv_batch_broadcast(batch, kv_batch) -> bool:
+    """Keys/values of batch 1 under a larger (or symbolic) query batch. The API admits a key
+    batch of 1 or the query's, and Dynamo keeps a size of 1 static: two symbolic batches (a
+    recompile made them dynamic) are equal, not a broadcast."""
+    known = V.graph.sizevars.statically_known_true
+    return known(sympy.Eq(kv_batch, 1)) and not known(sympy.Eq(batch, 1))
 
 
 def _block_map(num_blocks, indices, num_kv_blocks):

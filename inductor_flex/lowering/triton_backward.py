@@ -40,7 +40,6 @@ from .._compat.inductor import (
     FixedLayout,
     SymbolicGridFn,
     TritonTemplate,
-    V,
     build_subgraph_buffer,
     create_placeholder,
     empty_strided,
@@ -53,6 +52,7 @@ from .._compat.inductor import (
 from ..kernel_options import options_for
 from ..mods import gradient_summands
 from .configs import backward_configs, fit_tile
+from .decomposed import _expected_buffer_grads, kv_batch_broadcast
 from .triton_forward import (
     _INDEX_DTYPES,
     MODIFICATION_TAKES_INPUT_DTYPES,
@@ -329,7 +329,7 @@ def lower_backward_triton(query, key, value, out, lse, grad_out, grad_lse, score
     qk_dim, v_dim = _static(qk_dim), _static(v_dim)
     q_heads, kv_heads = _static(q_heads), _static(kv_heads)
     sparse_q, sparse_kv = _static(sparse_q), _static(sparse_kv)
-    broadcast_kv = not V.graph.sizevars.statically_known_true(sympy.Eq(kv_batch, batch))
+    broadcast_kv = kv_batch_broadcast(batch, kv_batch)
 
     grad_query = empty_strided([batch, q_heads, q_len, qk_dim], None, dtype=query.get_dtype(), device=device)
     # With a broadcast key/value batch, per-batch dK/dV are summed afterwards: keep them float32.
@@ -450,8 +450,6 @@ def lower_backward_triton(query, key, value, out, lse, grad_out, grad_lse, score
         grad_value = _sum_over_batch(grad_value_full, value.get_dtype())
     else:
         grad_key, grad_value = grad_key_full, grad_value_full
-
-    from .decomposed import _expected_buffer_grads
 
     expected = _expected_buffer_grads(len(score_mod_buffers))
     buffer_grads = []
