@@ -25,7 +25,8 @@ def template_only():
 
 # Gradients of captured tensors are refused by the template in fp16/bf16 (see
 # lowering/backward.py): these cases run the decomposition.
-ROW_SUMMED = ("alibi", "head_batch_bias", "relative_position", "learnable_bias")
+# Every catalogue variant with a learnable captured tensor.
+ROW_SUMMED = tuple(v.name for v in CATALOGUE if v.learnable)
 
 
 def _allow_refusal(variant_name, dtype):

@@ -8,6 +8,7 @@ GPU so Triton's compile-time queries have answers. Only for tests: the package n
 import contextlib
 import os
 
+import numpy as np
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
@@ -46,12 +47,90 @@ def interpreter_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+class OutOfBoundsAccess(AssertionError):
+    """A kernel read or wrote memory outside every tensor it was given."""
+
+
+class _MemoryChecker:
+    """compute-sanitizer's memcheck, for the interpreter: every load, store and atomic whose lane
+    is active must lie inside one of the tensors (storages) passed to the running kernel. On a
+    GPU such an access reads a neighbouring allocation silently or faults; on CPU through the
+    interpreter it would read host memory silently."""
+
+    def __init__(self):
+        self.ranges = []  # (start, end) byte addresses of the running kernel's storages
+
+    def record_arguments(self, args):
+        ranges = []
+        for arg in args:
+            if isinstance(arg, torch.Tensor):
+                storage = arg.untyped_storage()
+                ranges.append((storage.data_ptr(), storage.data_ptr() + storage.nbytes()))
+        self.ranges = ranges
+
+    def check(self, what, ptrs, mask, itemsize):
+        addresses = np.asarray(ptrs.data, dtype=np.uint64)
+        if mask is not None:
+            addresses = addresses[np.broadcast_to(np.asarray(mask.data, dtype=bool), addresses.shape)]
+        addresses = addresses.ravel()
+        if addresses.size == 0:
+            return
+        inside = np.zeros(addresses.shape, dtype=bool)
+        for start, end in self.ranges:
+            inside |= (addresses >= start) & (addresses + itemsize <= end)
+        if not inside.all():
+            outside = addresses[~inside]
+            raise OutOfBoundsAccess(
+                f"{what} of {outside.size} element(s) outside every tensor argument, e.g. address "
+                f"{int(outside[0]):#x}; argument ranges {[(hex(a), hex(b)) for a, b in self.ranges]}")
+
+
+@contextlib.contextmanager
+def _checked_memory():
+    from triton.runtime import interpreter
+
+    checker = _MemoryChecker()
+    builder, executor = interpreter.InterpreterBuilder, interpreter.GridExecutor
+    originals = (builder.create_masked_load, builder.create_masked_store, builder.create_atomic_rmw,
+                 executor._init_args_hst)
+
+    def init_args(self, args_dev, kwargs):
+        args_hst, kwargs_hst = originals[3](self, args_dev, kwargs)
+        checker.record_arguments([*args_hst, *kwargs_hst.values()])
+        return args_hst, kwargs_hst
+
+    def itemsize(ptrs):
+        return np.dtype(interpreter._get_np_dtype(ptrs.get_element_ty())).itemsize
+
+    def load(self, ptrs, mask, other, *rest):
+        checker.check("load", ptrs, mask, itemsize(ptrs))
+        return originals[0](self, ptrs, mask, other, *rest)
+
+    def store(self, ptrs, value, mask, *rest):
+        checker.check("store", ptrs, mask, itemsize(ptrs))
+        return originals[1](self, ptrs, value, mask, *rest)
+
+    def atomic(self, op, ptrs, value, mask, *rest):
+        checker.check("atomic", ptrs, mask, itemsize(ptrs))
+        return originals[2](self, op, ptrs, value, mask, *rest)
+
+    builder.create_masked_load, builder.create_masked_store, builder.create_atomic_rmw = load, store, atomic
+    executor._init_args_hst = init_args
+    try:
+        yield
+    finally:
+        (builder.create_masked_load, builder.create_masked_store, builder.create_atomic_rmw,
+         executor._init_args_hst) = originals
+
+
 @contextlib.contextmanager
 def triton_on_cpu():
+    """Inductor's Triton for CPU tensors, run by the interpreter with every memory access of a
+    kernel checked against the tensors it was given (an out-of-bounds access raises)."""
     from torch._inductor import config
 
     assert interpreter_requested(), "start the process with TRITON_INTERPRET=1"
     triton.runtime.driver.set_active(_InterpreterDriver())
-    with config.patch(cpu_backend="triton", max_autotune=False, fx_graph_cache=False):
+    with config.patch(cpu_backend="triton", max_autotune=False, fx_graph_cache=False), _checked_memory():
         torch._dynamo.reset()
         yield

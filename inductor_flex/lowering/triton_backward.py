@@ -62,7 +62,7 @@ from .triton_forward import (
     _round_head_dim,
     _span,
     _static,
-    _zeros_like_node,
+    autotune_inputs,
     float32_precision,
     lower_subgraphs,
     realize,
@@ -432,14 +432,9 @@ def lower_backward_triton(query, key, value, out, lse, grad_out, grad_lse, score
 
     kv_num_gen, kv_idx_gen = _block_list_inputs(kv_indices, device)
     q_num_gen, q_idx_gen = _block_list_inputs(q_indices, device)
-    # Benchmark with the kernel's own arguments, in its order: it takes the captured tensors in
-    # the order the inlined mods first read them (duplicates removed), not in ``captured``'s.
-    kernel_inputs = list(choices[0].input_nodes)
-    input_gen_fns = {8: kv_num_gen, 9: kv_idx_gen, 10: kv_num_gen, 11: kv_idx_gen,
-                     12: q_num_gen, 13: q_idx_gen, 14: q_num_gen, 15: q_idx_gen}
-    for position, node in enumerate(kernel_inputs[len(inputs):], start=len(inputs)):
-        if not node.get_dtype().is_floating_point:  # index tables: made-up values would overrun
-            input_gen_fns[position] = _zeros_like_node
+    block_lists = {8: kv_num_gen, 9: kv_idx_gen, 10: kv_num_gen, 11: kv_idx_gen,
+                   12: q_num_gen, 13: q_idx_gen, 14: q_num_gen, 15: q_idx_gen}
+    kernel_inputs, input_gen_fns = autotune_inputs(choices, block_lists, len(inputs))
     grad_key_full = select_algorithm("inductor_flex_attention_backward", choices, kernel_inputs, dk_layout,
                                      input_gen_fns=input_gen_fns)
     grad_key_full.data.data.subgraph_inps = list(score_mod_buffers) + list(mask_mod_buffers)
