@@ -8,6 +8,7 @@ import torch
 
 import oracle
 from catalogue import BY_NAME, CATALOGUE
+from inductor_flex import flex_attention
 
 pytestmark = [
     pytest.mark.gpu,
@@ -155,3 +156,12 @@ def test_captured_tensor_gradients_of_every_kind():
         torch._dynamo.reset()
         oracle.run_variant(variant, mode="inductor", device="cuda", dtype=torch.float32,
                            B=2, Hq=4, Hkv=2, L=300, S=211, E=64, Ev=64, block_size=128)
+
+
+def test_batch_made_dynamic_by_a_recompile():
+    """A new batch size recompiles with the batch symbolic: the query and key batches are then
+    two equal symbols, not a broadcast key batch (found by the GPU fuzz)."""
+    compiled = torch.compile(flex_attention)
+    for B in (2, 3, 2):
+        oracle.check_call(compiled, BY_NAME["alibi"], B=B, Hq=4, Hkv=2, L=200, S=300, E=64, dtype=torch.float32,
+                          device="cuda", block_size=128)
