@@ -6,8 +6,8 @@ make_fx first captures one of our operators (never at import), and is idempotent
 - forward: the fused Triton template (``triton_forward.py``) on GPUs, and on CPU when
   Inductor's CPU backend is Triton (the interpreter tests); otherwise the query-chunked
   decomposition compiled by Inductor (``decomposed.py``).
-- backward: the fused Triton backward template (``triton_backward.py``) where the forward's
-  rules allow it, otherwise the decomposition's backward.
+- backward: the fused Triton backward template (``triton_backward.py``) where
+  ``backward.backward_refusals`` finds no reason against it, otherwise the decomposition's backward.
 """
 
 import warnings
