@@ -110,45 +110,10 @@ def make_case(variant, *, B, Hq, Hkv, L, S, E, Ev, dtype, device, backward):
 
 def run_variant(variant, *, B=2, Hq=4, Hkv=2, L=67, S=67, E=16, Ev=16, dtype=torch.float32,
                 mode="eager", block_size=16, device="cpu", backward=True, check_torch=False):
-    """Run one case and assert forward (out, lse) and gradients against the oracle."""
-    buffers, inputs = make_case(variant, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=E, Ev=Ev, dtype=dtype,
-                                device=device, backward=backward)
-    score_mod, mask_mod = variant.build(buffers)
-    block_mask = (
-        create_block_mask(mask_mod, B, Hq, L, S, device=device, BLOCK_SIZE=block_size) if mask_mod else None
-    )
-    fields = (block_mask or full_block_mask(L, S, device=device)).as_tuple()
-    scale = 1.0 / math.sqrt(E)
-
-    out, aux = MODES[mode](inputs["q"], inputs["k"], inputs["v"], score_mod=score_mod, block_mask=block_mask,
-                           enable_gqa=Hq != Hkv, return_aux=AuxRequest(lse=True))
-    grad_out = torch.randn_like(out)
-    grad_lse = torch.randn_like(aux.lse, dtype=torch.float64) * 0.1
-    ours = {}
-    if backward:
-        loss = (out.double() * grad_out.double()).sum() + (torch.where(torch.isfinite(aux.lse), aux.lse, 0).double() * grad_lse).sum()
-        differentiable = {n: t for n, t in (*inputs.items(), *buffers.items()) if t.requires_grad}
-        ours = dict(zip(differentiable, torch.autograd.grad(loss, list(differentiable.values()))))
-
-    (gold_out, gold_lse, gold_grads), (base_out, base_lse, base_grads) = gold_and_baseline(
-        variant, inputs, buffers, fields, scale, grad_out, grad_lse)
-    label = f"{variant.name}[{mode}]"
-    # Each output element sums S products, each dq element S, each dk/dv element the L queries
-    # of every head in its group, in a float32 accumulator: the round-off floor counts them
-    # (float32 kernels that tile these sums unlike eager's BLAS land at 2-3x its few-ulp error).
-    assert_within(f"{label} out", out, gold_out, base_out, accumulated_terms=S)
-    assert_within(f"{label} lse", aux.lse, gold_lse, base_lse)
-    positions = B * Hq * L * S
-    summed = {"q": S, "k": L * (Hq // Hkv), "v": L * (Hq // Hkv)}
-    for name, grad in ours.items():
-        if name in buffers:
-            assert_within(f"{label} d{name}", grad, gold_grads[name], base_grads[name],
-                          terms_per_element=positions // grad.numel())
-        else:
-            assert_within(f"{label} d{name}", grad, gold_grads[name], base_grads[name], accumulated_terms=summed[name])
-    if check_torch:
-        _check_against_torch(variant, inputs, buffers, B, Hq, L, S, block_size, out, aux.lse, gold_out, gold_lse)
-    return out
+    """Run one case through ``mode`` and assert forward (out, lse) and gradients against the oracle."""
+    return check_call(MODES[mode], variant, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=E, Ev=Ev, dtype=dtype,
+                      device=device, block_size=block_size, mask_heads=Hq, backward=backward,
+                      check_torch=check_torch, label=f"{variant.name}[{mode}]")
 
 
 def _check_against_torch(variant, inputs, buffers, B, Hq, L, S, block_size, out, lse, gold_out, gold_lse):
@@ -170,14 +135,17 @@ def _check_against_torch(variant, inputs, buffers, B, Hq, L, S, block_size, out,
     assert_within(f"{variant.name} lse vs torch", lse.detach(), gold_lse.detach(), torch_aux.lse)
 
 
-def check_call(compiled, variant, *, B, Hq, Hkv, L, S, E, dtype, device, block_size, backward=True):
+def check_call(compiled, variant, *, B, Hq, Hkv, L, S, E, dtype, device, block_size, Ev=None, mask_heads=None,
+               backward=True, check_torch=False, label=None):
     """One call of ``compiled`` (flex_attention's signature) on fresh data, and its outputs and
-    gradients checked against the float64 oracle, as ``run_variant`` does."""
-    buffers, inputs = make_case(variant, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=E, Ev=E, dtype=dtype,
+    gradients asserted against the float64 oracle. The block mask has ``mask_heads`` heads
+    (None: one, broadcast over the query heads)."""
+    Ev = E if Ev is None else Ev
+    buffers, inputs = make_case(variant, B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=E, Ev=Ev, dtype=dtype,
                                 device=device, backward=backward)
     score_mod, mask_mod = variant.build(buffers)
     block_mask = (
-        create_block_mask(mask_mod, B, None, L, S, device=device, BLOCK_SIZE=block_size) if mask_mod else None
+        create_block_mask(mask_mod, B, mask_heads, L, S, device=device, BLOCK_SIZE=block_size) if mask_mod else None
     )
     out, aux = compiled(inputs["q"], inputs["k"], inputs["v"], score_mod=score_mod, block_mask=block_mask,
                         enable_gqa=Hq != Hkv, return_aux=AuxRequest(lse=True))
@@ -194,9 +162,20 @@ def check_call(compiled, variant, *, B, Hq, Hkv, L, S, E, dtype, device, block_s
     scale = 1.0 / math.sqrt(E)
     (gold_out, gold_lse, gold_grads), (base_out, base_lse, base_grads) = gold_and_baseline(
         variant, inputs, buffers, fields, scale, grad_out, grad_lse)
-    label = f"{variant.name} B={B} L={L} S={S}"
-    assert_within(f"{label} out", out, gold_out, base_out)
+    label = label or f"{variant.name} B={B} L={L} S={S}"
+    # Each output element sums S products, each dq element S, each dk/dv element the L queries
+    # of every head in its group, in a float32 accumulator: the round-off floor counts them
+    # (float32 kernels that tile these sums unlike eager's BLAS land at 2-3x its few-ulp error).
+    assert_within(f"{label} out", out, gold_out, base_out, accumulated_terms=S)
     assert_within(f"{label} lse", aux.lse, gold_lse, base_lse)
+    positions = B * Hq * L * S
+    summed = {"q": S, "k": L * (Hq // Hkv), "v": L * (Hq // Hkv)}
     for name, grad in ours.items():
-        terms = B * Hq * L * S // grad.numel() if name in buffers else 1
-        assert_within(f"{label} d{name}", grad, gold_grads[name], base_grads[name], terms_per_element=terms)
+        if name in buffers:
+            assert_within(f"{label} d{name}", grad, gold_grads[name], base_grads[name],
+                          terms_per_element=positions // grad.numel())
+        else:
+            assert_within(f"{label} d{name}", grad, gold_grads[name], base_grads[name], accumulated_terms=summed[name])
+    if check_torch:
+        _check_against_torch(variant, inputs, buffers, B, Hq, L, S, block_size, out, aux.lse, gold_out, gold_lse)
+    return out
