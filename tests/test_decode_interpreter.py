@@ -9,9 +9,11 @@ inside a sparse block, and empty splits, are exercised.
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 from torch._inductor.utils import run_and_get_code
 from torch.testing import FileCheck
 
+import oracle
 from catalogue import BY_NAME, CATALOGUE
 from decode_cases import DECODE_VARIANTS, check_decode, decode_runs  # noqa: F401 (fixture)
 from inductor_flex import AuxRequest, create_block_mask, flex_attention
@@ -81,6 +83,18 @@ def test_block_sizes_that_are_not_powers_of_two(block_size, decode_runs):
 def test_head_dims(E, Ev, decode_runs):
     check_decode(BY_NAME["alibi"], B=1, Hq=4, Hkv=2, Lq=1, S=100, E=E, Ev=Ev, block_size=32)
     assert decode_runs
+
+
+def test_dynamic_shapes_keep_the_decode_kernel(decode_runs):
+    """Under dynamic=True Dynamo makes the BlockMask's block sizes symbols too; the decode
+    kernel must still be chosen, for every cache length and batch, from one compile (found by
+    the GPU tier: the forward template ran instead)."""
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(flex_attention, backend=counter, dynamic=True, fullgraph=True)
+    for B, S in [(3, 90), (5, 41)]:  # no batch equal to a head count: duck sizing would share the symbol
+        oracle.check_call(compiled, BY_NAME["alibi"], B=B, Hq=4, Hkv=2, L=1, S=S, E=16, dtype=torch.float32,
+                          device="cpu", block_size=16, backward=False)
+    assert counter.frame_count == 1 and len(decode_runs) == 1, (counter.frame_count, len(decode_runs))
 
 
 def test_per_head_masks_in_one_group_are_not_mixed(decode_runs):

@@ -93,12 +93,14 @@ def decode_refusals(query, value, block_mask, kernel_options, max_query_len: int
     if options.get("FORCE_USE_FLEX_ATTENTION", False):
         reasons.append("kernel option FORCE_USE_FLEX_ATTENTION")
     q_len = _static_int(query.get_size()[2])
-    sparse_q = _static_int(block_mask[10])
+    # The sparse block sizes are Python ints in every BlockMask; under dynamic=True Dynamo
+    # makes them symbols, which the templates specialise (guarded) like this.
+    sparse_q = _static(block_mask[10])
     if q_len is None:
         reasons.append("the query length is dynamic")
     elif q_len == 0 or q_len > max_query_len:
         reasons.append(f"query length {q_len} not in 1..{max_query_len}")
-    elif sparse_q is None or q_len > sparse_q:
+    elif q_len > sparse_q:
         reasons.append(f"the query length {q_len} spans more than one sparse Q block")
     elif q_len > DECODE_MAX_ROWS:
         reasons.append(f"query length {q_len} above {DECODE_MAX_ROWS} rows")
