@@ -322,6 +322,37 @@ def backward_fits_shared_memory(config: BackwardConfig, qk_dim: int, v_dim: int,
     return backward_shared_memory_bytes(config, qk_dim, v_dim, itemsize) <= limit
 
 
+# float32 backward kernels multiply on CUDA cores (no tensor-core path for IEEE float32 dots), so
+# every tile of a program lives in registers. Measured on the H200 (Triton 3.6, 2026-12-01): at
+# D128, (32, 64, 64, 32) with 4 warps needs about 320 and 256 registers per thread in its two
+# program kinds, spills, and computed wrong dQ and captured-tensor gradients (once it faulted
+# with "operation not supported on global/shared address space"); with 8 warps, or with either
+# program kind lighter, every gradient was right. Configs are kept at or under this budget.
+_FLOAT32_REGISTER_BUDGET = 256
+
+
+def backward_registers_per_thread(config: BackwardConfig, qk_dim: int, v_dim: int, itemsize: int) -> float:
+    """32-bit registers per thread for the live tiles of the heavier program kind (inputs at
+    ``itemsize``, accumulators in float32): dK/dV owns K, V, dK, dV and streams Q, dO; dQ owns
+    Q, dO, dQ and streams K, V."""
+    words = itemsize / 4
+    kv_program = config.block_n1 * (qk_dim + v_dim) * (words + 1) + config.block_m1 * (qk_dim + v_dim) * words
+    q_program = config.block_m2 * ((qk_dim + v_dim) * words + qk_dim) + config.block_n2 * (qk_dim + v_dim) * words
+    return max(kv_program, q_program) / (32 * config.num_warps)
+
+
+def _within_register_budget(config: BackwardConfig, qk_dim: int, v_dim: int) -> BackwardConfig | None:
+    """A float32 config with enough warps for the budget (at most 8), or None if 8 are too few."""
+    for warps in sorted({config.num_warps, 8}):
+        if warps < config.num_warps:
+            continue
+        candidate = BackwardConfig(config.block_m1, config.block_n1, config.block_m2, config.block_n2,
+                                   warps, config.num_stages)
+        if backward_registers_per_thread(candidate, qk_dim, v_dim, 4) <= _FLOAT32_REGISTER_BUDGET:
+            return candidate
+    return None
+
+
 def _lighter_backward(config: BackwardConfig) -> BackwardConfig:
     """A config needing about half the shared memory (and registers) of ``config``."""
     if config.num_stages > 1:
@@ -350,8 +381,9 @@ def backward_configs(device, dtype, qk_dim_rounded: int, v_dim_rounded: int, aut
                      mods_read_tensors: bool = False) -> list[BackwardConfig]:
     """The default backward config for this GPU/dtype/head dim (plus a lighter one when the mods
     gather from captured tensors, whose layout-conversion scratch no estimate sees), plus the
-    autotuning candidates if asked; configs that would not fit in shared memory are pruned
-    before anything compiles, and if none is left the default is shrunk until it fits."""
+    autotuning candidates if asked; configs that would not fit in shared memory (or, in float32,
+    in the register budget even with 8 warps) are pruned before anything compiles, and if none
+    is left the default is shrunk until it fits."""
     arch = architecture(device)
     low_precision = dtype in (torch.float16, torch.bfloat16)
     bucket = _head_dim_bucket(max(qk_dim_rounded, v_dim_rounded))
@@ -362,13 +394,21 @@ def backward_configs(device, dtype, qk_dim_rounded: int, v_dim_rounded: int, aut
     if autotune:
         candidates += [c for c in _AUTOTUNE_BACKWARD if c not in candidates]
     itemsize = torch.empty((), dtype=dtype).element_size()
-    fitting = [c for c in candidates if backward_fits_shared_memory(c, qk_dim_rounded, v_dim_rounded, itemsize, arch)]
+
+    def usable(config):  # the config to run (more warps for float32 if needed), or None
+        if not backward_fits_shared_memory(config, qk_dim_rounded, v_dim_rounded, itemsize, arch):
+            return None
+        if dtype == torch.float32:
+            return _within_register_budget(config, qk_dim_rounded, v_dim_rounded)
+        return config
+
+    fitting = list(dict.fromkeys(c for c in map(usable, candidates) if c is not None))
     if fitting:
         return fitting
     config = default
-    while not backward_fits_shared_memory(config, qk_dim_rounded, v_dim_rounded, itemsize, arch):
+    while usable(config) is None:
         smaller = _shrink_backward(config)
         if smaller is None:
-            break
+            return [config]
         config = smaller
-    return [config]
+    return [usable(config)]
