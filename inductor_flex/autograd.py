@@ -161,7 +161,10 @@ class FlexAttentionFunction(torch.autograd.Function):
             ctx.score_mod, ctx.joint_graph, block_mask, ctx.scale, ctx.kernel_options,
             score_mod_buffers, mask_mod_buffers,
         )
-        # One slot per forward() argument: score_mod .. mask_mod_buffers get no gradient.
+        # One slot per forward() argument: score_mod .. mask_mod_buffers get no gradient, nor
+        # does a captured tensor that did not require one.
+        wanted = ctx.needs_input_grad[9:]
+        buffer_grads = [g if want else None for g, want in zip(buffer_grads, wanted)]
         return (grad_query, grad_key, grad_value, None, None, None, None, None, None, *buffer_grads)
 
 

@@ -179,9 +179,12 @@ def _backward_fake(mode, query, key, value, out, lse, grad_out, grad_lse, score_
         grad_query = torch.empty_like(query, memory_format=torch.contiguous_format)
         grad_key = key.new_empty(key.shape)
         grad_value = value.new_empty(value.shape)
+        # Every floating-point captured tensor may get a gradient: which ones do is decided by
+        # the autograd function (ctx.needs_input_grad), not by requires_grad here, which the
+        # unwrapped tensors of a compiled graph's intermediates (``w = weight * 2``) lack.
         buffer_grads = tuple(
             torch.empty_like(b, memory_format=torch.contiguous_format)
-            if isinstance(b, torch.Tensor) and b.requires_grad
+            if isinstance(b, torch.Tensor) and b.is_floating_point()
             else None
             for b in score_mod_buffers
         )

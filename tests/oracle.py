@@ -179,3 +179,39 @@ def check_call(compiled, variant, *, B, Hq, Hkv, L, S, E, dtype, device, block_s
     if check_torch:
         _check_against_torch(variant, inputs, buffers, B, Hq, L, S, block_size, out, aux.lse, gold_out, gold_lse)
     return out
+
+
+def check_captures_computed_in_the_graph(device, dtype, B=2, H=4, L=75, S=75, E=16, zero_dim_weight=True):
+    """Captured tensors computed inside the compiled function from learnable leaves
+    (``slopes = raw * raw / 2``, a 0-d ``weight = raw_w / 4 + 1``; plain arithmetic, which Triton's
+    interpreter can run): the leaves get their gradients, checked against the same function run
+    eagerly in float64 (and in ``dtype``, the baseline). ``zero_dim_weight=False``: the weight
+    is a 1-element tensor read at [0] (Triton's interpreter harness cannot pass a 0-d CPU tensor
+    to our kernels, see test_backward_interpreter.py)."""
+
+    def attention(q, k, v, raw_slopes, raw_weight, flex):
+        slopes, weight = raw_slopes * raw_slopes * 0.5, raw_weight * 0.25 + 1.0
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score * (weight if zero_dim_weight else weight[0]) + slopes[h] * (kv_idx - q_idx)
+
+        return flex(q, k, v, score_mod=score_mod)
+
+    leaves = {"q": torch.randn(B, H, L, E), "k": torch.randn(B, H, S, E), "v": torch.randn(B, H, S, E),
+              "raw_slopes": torch.rand(H) * 0.4 + 0.1, "raw_weight": torch.randn(() if zero_dim_weight else (1,))}
+    grad_out = torch.randn(B, H, L, E, dtype=torch.float64, device=device)
+
+    def run(fn, cast, flex):
+        tensors = [t.to(device=device, dtype=cast(t)).requires_grad_() for t in leaves.values()]
+        out = fn(*tensors, flex)
+        return out, torch.autograd.grad((out.double() * grad_out).sum(), tensors)
+
+    in_dtype = lambda t: dtype if t.dim() == 4 else torch.float32  # noqa: E731 (learnable leaves stay float32)
+    out, grads = run(torch.compile(attention, fullgraph=True), in_dtype, flex_attention)
+    gold_out, gold_grads = run(attention, lambda t: torch.float64, flex_attention)
+    base_out, base_grads = run(attention, in_dtype, flex_attention)
+    assert_within("out", out, gold_out, base_out, accumulated_terms=S)
+    for name, grad, gold, base in zip(leaves, grads, gold_grads, base_grads):
+        assert grad is not None, f"d{name}: no gradient"
+        assert_within(f"d{name}", grad, gold, base, terms_per_element=B * H * L * S // grad.numel(),
+                      accumulated_terms=S)

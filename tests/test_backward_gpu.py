@@ -59,6 +59,12 @@ def test_learnable_full_bias_compiles_at_large_head_dims(E):
                        B=2, Hq=4, Hkv=4, L=256, S=256, E=E, Ev=E, block_size=128)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_captured_tensors_computed_in_the_graph_get_gradients(dtype):
+    _allow_refusal("alibi", dtype)
+    oracle.check_captures_computed_in_the_graph("cuda", dtype, L=300, S=300, E=64)
+
+
 @pytest.mark.parametrize("E,Ev", [(128, 64), (64, 128), (96, 192), (8, 8)], ids=str)
 @pytest.mark.parametrize("variant", ["alibi", "causal"])  # decomposition / template in fp16
 def test_qk_and_v_dims_differ(variant, E, Ev):

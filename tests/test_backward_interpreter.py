@@ -145,6 +145,12 @@ def test_captured_tensor_gradients(variant):
     _run(variant, B=1, Hq=2, Hkv=1, L=37, S=29, E=16, Ev=16, block_size=16)
 
 
+def test_captured_tensors_computed_in_the_graph_get_gradients():
+    """Captured tensors derived in the compiled function (``raw * raw / 2``) reach their leaves
+    through the fused template (the compiled backward used to drop these gradients)."""
+    oracle.check_captures_computed_in_the_graph("cpu", torch.float32, L=40, S=40, zero_dim_weight=False)
+
+
 def test_half_precision():
     _run(BY_NAME["sliding_window"], B=1, Hq=2, Hkv=2, L=32, S=32, E=16, Ev=16, dtype=torch.float16,
          block_size=16)

@@ -16,7 +16,7 @@ import torch
 from torch._inductor.utils import run_and_get_code
 
 from catalogue import BY_NAME
-from oracle import run_variant
+from oracle import check_captures_computed_in_the_graph, run_variant
 
 import inductor_flex.lowering.decomposed as decomposed
 from inductor_flex import create_block_mask, flex_attention
@@ -179,6 +179,12 @@ def test_lse_only_loss_and_score_mod_ignoring_the_score():
     torch.testing.assert_close(d_bias.double(), gold_d_bias, atol=1e-4, rtol=1e-4)
     for grad in (d_q, d_k, d_v):
         assert grad is None or not grad.abs().any()
+
+
+def test_captured_tensors_computed_in_the_graph_get_gradients():
+    """``slopes = raw * raw / 2`` inside the compiled function, then captured: the gradient reaches
+    ``raw`` (it was silently None: the compiled backward dropped it)."""
+    check_captures_computed_in_the_graph("cpu", torch.float32)
 
 
 def test_captured_tensor_read_whole():
