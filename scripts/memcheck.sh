@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# Every tensor its own allocation: with the caching allocator an access past one tensor that
+# lands inside another of the same segment is not reported.
+export PYTORCH_NO_CUDA_MEMORY_CACHING=1
 # Compile in this process (no compile workers to instrument), and compile once without the
 # sanitizer first so the checked run loads cached kernels instead of compiling under it.
 export TORCHINDUCTOR_COMPILE_THREADS=1
