@@ -244,6 +244,15 @@ def _cuda_qkv():
     return tuple(t.cuda() for t in _qkv())
 
 
+def _bias_on(device):
+    bias = torch.zeros(4, device=device)
+
+    def per_head_bias(score, b, h, q_idx, kv_idx):
+        return score + bias[h]
+
+    return per_head_bias
+
+
 BAD_INPUTS = [
     # flex_attention: query, key, value
     Bad("qkv-not-tensor", lambda f: f([[1.0]], *_qkv()[1:]), TypeError, "pass a (B, H, L, E) tensor"),
@@ -311,6 +320,8 @@ BAD_INPUTS = [
         lambda b, h, q_idx, kv_idx: (q_idx - kv_idx).float())), TypeError, "cast with `.bool()`", compiled="same"),
     Bad("mask-mod-buffer-requires-grad", lambda f: f(*_qkv(), block_mask=_mask(_learnable_mask_mod())), ValueError,
         "detach it (`t.detach()`)", compiled="same"),
+    Bad("captured-tensor-device", lambda f: f(*_qkv(), score_mod=_bias_on("meta")), ValueError,
+        "move it with .to(query.device)", compiled="same"),
     # flex_attention: other arguments
     Bad("scale-type", lambda f: f(*_qkv(), scale=torch.tensor(0.5)), TypeError, "(for a 0-d tensor: scale.item())"),
     Bad("scale-not-finite", lambda f: f(*_qkv(), scale=float("nan")), ValueError, "pass a finite float"),
