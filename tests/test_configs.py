@@ -41,6 +41,19 @@ def test_float32_backward_configs_stay_in_the_register_budget(arch, head_dim, au
         assert used <= configs._FLOAT32_REGISTER_BUDGET, (config, used)
 
 
+@pytest.mark.parametrize("autotune", [False, True], ids=["default", "max_autotune"])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS, ids=lambda d: f"D{d}")
+def test_float32_forward_configs_stay_in_the_register_budget(arch, head_dim, autotune):
+    rounded = max(16, 1 << (head_dim - 1).bit_length())
+    chosen = configs.forward_configs(torch.device("cuda"), torch.float32, rounded, rounded, autotune=autotune,
+                                     mods_read_tensors=True)
+    assert chosen and len(set(chosen)) == len(chosen)
+    for config in chosen:
+        assert configs.fits_shared_memory(config, rounded, rounded, 4, arch), config
+        used = configs.forward_registers_per_thread(config, rounded, rounded, 4)
+        assert used <= configs._FLOAT32_REGISTER_BUDGET, (config, used)
+
+
 def test_the_config_that_computed_wrong_gradients_gets_more_warps(monkeypatch):
     """H200, float32, D128: (32, 64, 64, 32) with 4 warps gave wrong dQ; 8 warps were right."""
     monkeypatch.setattr(configs, "architecture", lambda device: "sm90")

@@ -5,7 +5,7 @@ need them), num_warps is one of 2/4/8, num_stages >= 1, and the tiles of q, k an
 num_stages pipeline stages fit in the GPU's shared memory (``fits_shared_memory``).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -53,6 +53,30 @@ _AUTOTUNE_FORWARD = [
 _SHARED_MEMORY_BYTES = {"sm90": 227 * 1024, "sm80": 163 * 1024, "other": 99 * 1024}
 
 
+# float32 dots run on CUDA cores (no tensor-core path for IEEE float32), so every tile of a
+# program lives in registers. Measured on the H200 (Triton 3.6, 2026-12-01): the float32 D128
+# backward (32, 64, 64, 32) with 4 warps needs about 320 and 256 registers per thread in its
+# two program kinds, spills, and computed wrong dQ and captured-tensor gradients (once it
+# faulted with "operation not supported on global/shared address space"); with 8 warps, or
+# with either program kind lighter, every gradient was right. float32 configs are kept at or
+# under this budget, forward ones too (only max-autotune candidates were above it).
+_FLOAT32_REGISTER_BUDGET = 256
+
+
+def runnable(config, dtype, fits_shared_memory, registers_per_thread):
+    """``config`` as it will run, or None: it must fit in shared memory and, in float32, in the
+    register budget, with more warps (at most 8) if that is what it takes."""
+    if not fits_shared_memory(config):
+        return None
+    if dtype != torch.float32:
+        return config
+    for warps in sorted({config.num_warps, 8}):
+        candidate = replace(config, num_warps=warps)
+        if warps >= config.num_warps and registers_per_thread(candidate) <= _FLOAT32_REGISTER_BUDGET:
+            return candidate
+    return None
+
+
 def architecture(device: torch.device) -> str:
     """sm90 / sm80 / other, from the CUDA capability (the interpreter counts as sm80)."""
     if device.type != "cuda" or not torch.cuda.is_available():
@@ -72,6 +96,14 @@ def fits_shared_memory(config: ForwardConfig, qk_dim: int, v_dim: int, itemsize:
     return (q_tile + kv_tiles) * itemsize <= _SHARED_MEMORY_BYTES.get(arch, _SHARED_MEMORY_BYTES["other"])
 
 
+def forward_registers_per_thread(config: ForwardConfig, qk_dim: int, v_dim: int, itemsize: int) -> float:
+    """32-bit registers per thread for the live tiles: the query tile and the float32
+    accumulator the program owns, the key and value tiles it streams."""
+    words = itemsize / 4
+    owned = config.block_m * (qk_dim * words + v_dim)
+    return (owned + config.block_n * (qk_dim + v_dim) * words) / (32 * config.num_warps)
+
+
 def _lighter(config: ForwardConfig) -> ForwardConfig:
     """A config needing about half the shared memory of ``config``."""
     if config.num_stages > 2:
@@ -82,7 +114,8 @@ def _lighter(config: ForwardConfig) -> ForwardConfig:
 def forward_configs(device, dtype, qk_dim_rounded: int, v_dim_rounded: int, autotune: bool,
                     mods_read_tensors: bool = False) -> list[ForwardConfig]:
     """The default config for this GPU/dtype/head dim, plus the autotuning candidates if asked;
-    configs that would not fit in shared memory are dropped before anything compiles.
+    configs that would not fit in shared memory (or, in float32, in the register budget even
+    with 8 warps) are dropped before anything compiles.
 
     Mods that gather from captured tensors need layout-conversion scratch in shared memory that
     no estimate sees in advance: then a lighter config is offered beside the default, and
@@ -98,12 +131,17 @@ def forward_configs(device, dtype, qk_dim_rounded: int, v_dim_rounded: int, auto
     if autotune:
         candidates += [c for c in _AUTOTUNE_FORWARD if c not in candidates]
     itemsize = torch.empty((), dtype=dtype).element_size()
-    fitting = [c for c in candidates if fits_shared_memory(c, qk_dim_rounded, v_dim_rounded, itemsize, arch)]
+
+    def usable(config):
+        return runnable(config, dtype, lambda c: fits_shared_memory(c, qk_dim_rounded, v_dim_rounded, itemsize, arch),
+                        lambda c: forward_registers_per_thread(c, qk_dim_rounded, v_dim_rounded, itemsize))
+
+    fitting = list(dict.fromkeys(c for c in map(usable, candidates) if c is not None))
     if fitting:
         return fitting
     # Shrink the default until it fits: every head dim the template accepts has one.
     config = default
-    while not fits_shared_memory(config, qk_dim_rounded, v_dim_rounded, itemsize, arch):
+    while usable(config) is None:
         if config.num_stages > 1:
             config = ForwardConfig(config.block_m, config.block_n, config.num_warps, config.num_stages - 1)
         elif config.block_n > 16:
@@ -111,8 +149,8 @@ def forward_configs(device, dtype, qk_dim_rounded: int, v_dim_rounded: int, auto
         elif config.block_m > 16:
             config = ForwardConfig(config.block_m // 2, config.block_n, config.num_warps, config.num_stages)
         else:
-            break
-    return [config]
+            return [config]
+    return [usable(config)]
 
 
 def fit_tile(sparse_block: int, preferred: int, length: int) -> int:
@@ -322,15 +360,6 @@ def backward_fits_shared_memory(config: BackwardConfig, qk_dim: int, v_dim: int,
     return backward_shared_memory_bytes(config, qk_dim, v_dim, itemsize) <= limit
 
 
-# float32 backward kernels multiply on CUDA cores (no tensor-core path for IEEE float32 dots), so
-# every tile of a program lives in registers. Measured on the H200 (Triton 3.6, 2026-12-01): at
-# D128, (32, 64, 64, 32) with 4 warps needs about 320 and 256 registers per thread in its two
-# program kinds, spills, and computed wrong dQ and captured-tensor gradients (once it faulted
-# with "operation not supported on global/shared address space"); with 8 warps, or with either
-# program kind lighter, every gradient was right. Configs are kept at or under this budget.
-_FLOAT32_REGISTER_BUDGET = 256
-
-
 def backward_registers_per_thread(config: BackwardConfig, qk_dim: int, v_dim: int, itemsize: int) -> float:
     """32-bit registers per thread for the live tiles of the heavier program kind (inputs at
     ``itemsize``, accumulators in float32): dK/dV owns K, V, dK, dV and streams Q, dO; dQ owns
@@ -339,18 +368,6 @@ def backward_registers_per_thread(config: BackwardConfig, qk_dim: int, v_dim: in
     kv_program = config.block_n1 * (qk_dim + v_dim) * (words + 1) + config.block_m1 * (qk_dim + v_dim) * words
     q_program = config.block_m2 * ((qk_dim + v_dim) * words + qk_dim) + config.block_n2 * (qk_dim + v_dim) * words
     return max(kv_program, q_program) / (32 * config.num_warps)
-
-
-def _within_register_budget(config: BackwardConfig, qk_dim: int, v_dim: int) -> BackwardConfig | None:
-    """A float32 config with enough warps for the budget (at most 8), or None if 8 are too few."""
-    for warps in sorted({config.num_warps, 8}):
-        if warps < config.num_warps:
-            continue
-        candidate = BackwardConfig(config.block_m1, config.block_n1, config.block_m2, config.block_n2,
-                                   warps, config.num_stages)
-        if backward_registers_per_thread(candidate, qk_dim, v_dim, 4) <= _FLOAT32_REGISTER_BUDGET:
-            return candidate
-    return None
 
 
 def _lighter_backward(config: BackwardConfig) -> BackwardConfig:
@@ -395,12 +412,10 @@ def backward_configs(device, dtype, qk_dim_rounded: int, v_dim_rounded: int, aut
         candidates += [c for c in _AUTOTUNE_BACKWARD if c not in candidates]
     itemsize = torch.empty((), dtype=dtype).element_size()
 
-    def usable(config):  # the config to run (more warps for float32 if needed), or None
-        if not backward_fits_shared_memory(config, qk_dim_rounded, v_dim_rounded, itemsize, arch):
-            return None
-        if dtype == torch.float32:
-            return _within_register_budget(config, qk_dim_rounded, v_dim_rounded)
-        return config
+    def usable(config):
+        return runnable(config, dtype,
+                        lambda c: backward_fits_shared_memory(c, qk_dim_rounded, v_dim_rounded, itemsize, arch),
+                        lambda c: backward_registers_per_thread(c, qk_dim_rounded, v_dim_rounded, itemsize))
 
     fitting = list(dict.fromkeys(c for c in map(usable, candidates) if c is not None))
     if fitting:
