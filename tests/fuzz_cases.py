@@ -188,13 +188,17 @@ class Structure:
     broadcast_kv_batch: bool  # key/value batch 1
     scale: float | None
     aux: str  # "none" | "return_lse" | "lse" | "lse_max"
+    # score_mod's captured tensors computed inside the compiled function (``t * 1``) rather than
+    # passed in: autograd must carry their gradients back through the graph to the leaves.
+    captures_in_graph: bool = False
 
     def __str__(self):
         return (f"{self.device} {str(self.dtype)[6:]} Hq={self.Hq} Hkv={self.Hkv} E={self.E} Ev={self.Ev} "
                 f"mask={_describe_mask(self.mask)} score={'+'.join(self.score) or None} "
                 f"grads={self.grads_for_captures} block={self.block_size} block_mask={self.use_block_mask} "
                 f"mask_bh=({self.mask_per_batch}, {self.mask_per_head}) gqa={self.enable_gqa} "
-                f"kv_batch1={self.broadcast_kv_batch} scale={self.scale} aux={self.aux}")
+                f"kv_batch1={self.broadcast_kv_batch} scale={self.scale} aux={self.aux} "
+                f"captures_in_graph={self.captures_in_graph}")
 
     def variant(self) -> Variant:
         """The composed mods as a catalogue Variant, so oracle.py's reference runs them."""
@@ -300,6 +304,7 @@ def structures(draw, profile: Profile):
         broadcast_kv_batch=draw(st.integers(0, 3)) == 0,
         scale=scale,
         aux=draw(st.sampled_from(("none", "return_lse", "lse", "lse_max"))),
+        captures_in_graph=bool(score) and draw(st.integers(0, 3)) == 0,
     )
 
 
@@ -338,15 +343,25 @@ class FuzzStats:
                 f"({self.seconds / max(self.cases, 1):.2f} s a case)")
 
 
-def compiled_flex():
-    return torch.compile(flex_attention, fullgraph=True)
+def compiled_flex(structure: Structure | None = None):
+    """flex_attention compiled; with ``captures_in_graph``, a compiled function that takes the
+    captured tensors as arguments and builds score_mod inside from copies made there."""
+    if structure is None or not structure.captures_in_graph:
+        return torch.compile(flex_attention, fullgraph=True)
+    variant = structure.variant()
+
+    def attention(q, k, v, buffers, **kwargs):
+        derived = {name: t * 1 if t.is_floating_point() else t for name, t in buffers.items()}
+        return flex_attention(q, k, v, score_mod=variant.build(derived)[0], **kwargs)
+
+    return torch.compile(attention, fullgraph=True)
 
 
 def run_example(structure: Structure, cases, stats: FuzzStats | None = None):
     """Every case of one structure through one compiled callable; a fresh Dynamo state first,
     so what earlier structures made dynamic (automatic dynamic shapes) does not leak in."""
     torch._dynamo.reset()
-    compiled = compiled_flex()
+    compiled = compiled_flex(structure)
     started = time.perf_counter()
     for shape, data_seed in cases:
         run_case(structure, shape, data_seed, compiled)
@@ -356,9 +371,12 @@ def run_example(structure: Structure, cases, stats: FuzzStats | None = None):
         stats.seconds += time.perf_counter() - started
 
 
-def _call(compiled, structure, q, k, v, score_mod, block_mask):
-    kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=structure.scale,
-                  enable_gqa=structure.enable_gqa)
+def _call(compiled, structure, q, k, v, score_mod, buffers, block_mask):
+    kwargs = dict(block_mask=block_mask, scale=structure.scale, enable_gqa=structure.enable_gqa)
+    if structure.captures_in_graph:
+        kwargs["buffers"] = buffers
+    else:
+        kwargs["score_mod"] = score_mod
     if structure.aux == "none":
         return compiled(q, k, v, **kwargs), None, None
     if structure.aux == "return_lse":
@@ -394,8 +412,8 @@ def run_case(structure: Structure, shape: Shape, data_seed: int, compiled=None):
     fields = (block_mask or full_block_mask(Lq, Lkv, device=device)).as_tuple()
     scale = 1.0 / math.sqrt(s.E) if s.scale is None else s.scale
 
-    out, lse, max_scores = _call(compiled or compiled_flex(), s, inputs["q"], inputs["k"], inputs["v"],
-                                 score_mod, block_mask)
+    out, lse, max_scores = _call(compiled or compiled_flex(s), s, inputs["q"], inputs["k"], inputs["v"],
+                                 score_mod, buffers, block_mask)
     grad_out = torch.randn_like(out)
     grad_lse = torch.zeros(B, s.Hq, Lq, device=device, dtype=torch.float64)
     loss = (out.double() * grad_out.double()).sum()

@@ -172,6 +172,14 @@ def test_partial_kv_block_with_two_captured_tensors():
     torch.testing.assert_close(out.double(), gold, atol=1e-5, rtol=1e-5)
 
 
+def test_captures_computed_in_the_graph(quiet):
+    """The fuzz's captures_in_graph structures (added after the GPU tier found it): score_mod
+    captures copies made inside the compiled function; the leaves' gradients were None."""
+    structure = _structure(score=("alibi", "head_batch_bias"), grads_for_captures=(True, True), mask="causal",
+                           use_block_mask=True, captures_in_graph=True)
+    run_case(structure, Shape(2, 37, 29), data_seed=3)
+
+
 ONE_KEY_CASES = [
     (_structure(Hq=3, Hkv=1, E=4, Ev=4, enable_gqa=True, broadcast_kv_batch=True, aux="none"), Shape(1, 15, 1)),
     (_structure(Hq=2, Hkv=1, E=4, Ev=32, score=("alibi", "alibi"), grads_for_captures=(False, False),
