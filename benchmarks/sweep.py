@@ -83,18 +83,29 @@ def sweep_backward(only: str) -> list[str]:
             torch._dynamo.reset()
             options = {"kernel_options": _backward_options(config)} if config else {}
             compiled = torch.compile(inductor_flex.flex_attention)
-            label = "default" if config is None else str(_backward_options(config))
-            try:
-                step(compiled, ours_mask, options)
-                ms = bench_ms(lambda: step(compiled, ours_mask, options))
-            except Exception as error:  # a config that does not compile is a result, not a crash
-                lines.append(f"{case.name:20s} {label:100s} failed: {str(error)[:80]}")
-                continue
-            line = (f"{case.name:20s} {label:100s} fwd+bwd ours {ms:7.3f} ms  torch {torch_ms:7.3f} ms  "
-                    f"ratio {torch_ms / ms:5.3f}")
-            print(line, flush=True)
-            lines.append(line)
+            label = f"{case.name:20s} {'default' if config is None else str(_backward_options(config)):100s} fwd+bwd"
+            _measure(lines, label, lambda: step(compiled, ours_mask, options),
+                     lambda: step(compiled, ours_mask, options), torch_ms)
     return lines
+
+
+_FAILED = object()
+
+
+def _measure(lines, label, first_call, timed_call, torch_ms):
+    """Compile (``first_call``) and time one configuration, adding its line to ``lines``;
+    returns first_call's result, or _FAILED for a config that does not compile (a result, not
+    a crash)."""
+    try:
+        result = first_call()
+        ms = bench_ms(timed_call)
+    except Exception as error:
+        lines.append(f"{label} failed: {str(error)[:80]}")
+        return _FAILED
+    line = f"{label} ours {ms:7.3f} ms  torch {torch_ms:7.3f} ms  ratio {torch_ms / ms:5.3f}"
+    print(line, flush=True)
+    lines.append(line)
+    return result
 
 
 def main(argv=None):
@@ -132,19 +143,13 @@ def main(argv=None):
             if form == "FAST_MATH":
                 options["FAST_MATH"] = True
             compiled = torch.compile(inductor_flex.flex_attention)
-            try:
-                _, ours_code = run_and_get_code(compiled, q, k, v, score_mod=score_mod, block_mask=ours_mask,
-                                                kernel_options=options)
-                ms = bench_ms(lambda: compiled(q, k, v, score_mod=score_mod, block_mask=ours_mask,
-                                               kernel_options=options))
-            except Exception as error:  # a config that does not compile is a result, not a crash
-                lines.append(f"{case.name:28s} {options!s:70s} {form or '':9s} failed: {str(error)[:80]}")
-                continue
-            line = (f"{case.name:28s} {options or 'default'!s:70s} {form or '':9s} "
-                    f"ours {ms:7.3f} ms  torch {torch_ms:7.3f} ms  ratio {torch_ms / ms:5.3f}")
-            print(line, flush=True)
-            lines.append(line)
-            if args.dump and index == 0 and not config:
+
+            def call():
+                return compiled(q, k, v, score_mod=score_mod, block_mask=ours_mask, kernel_options=options)
+
+            ours_code = _measure(lines, f"{case.name:28s} {options or 'default'!s:70s} {form or '':9s}",
+                                 lambda: run_and_get_code(call)[1], call, torch_ms)
+            if ours_code is not _FAILED and args.dump and index == 0 and not config:
                 args.dump.mkdir(parents=True, exist_ok=True)
                 (args.dump / "ours.py").write_text("\n\n".join(ours_code))
                 (args.dump / "torch.py").write_text("\n\n".join(theirs_code))
