@@ -1,6 +1,7 @@
 """GPU tier for the fused backward template: forward + backward through the real kernels against
 the float64 oracle (run with `pytest -m gpu tests/test_backward_gpu.py`)."""
 
+import functools
 import warnings
 
 import pytest
@@ -57,6 +58,22 @@ def test_learnable_full_bias_compiles_at_large_head_dims(E):
     the template's case, and the most shared memory)."""
     oracle.run_variant(BY_NAME["learnable_bias"], mode="inductor", device="cuda", dtype=torch.float32,
                        B=2, Hq=4, Hkv=4, L=256, S=256, E=E, Ev=E, block_size=128)
+
+
+@pytest.mark.parametrize("dtype,E,variant", [(torch.float32, 128, "learnable_bias"), (torch.float32, 256, "learnable_bias"),
+                                             (torch.bfloat16, 128, "softcap_document")], ids=str)
+def test_every_backward_candidate_config_alone(dtype, E, variant):
+    """Every config max-autotune may pick, forced alone and checked: one that Triton compiles
+    wrong (as (32, 64, 64, 32) with 4 warps did for float32 D128 on the H200) fails by name."""
+    from inductor_flex.lowering import configs
+
+    for c in configs.backward_configs(torch.device("cuda"), dtype, E, E, autotune=True, mods_read_tensors=True):
+        options = dict(BLOCK_M1=c.block_m1, BLOCK_N1=c.block_n1, BLOCK_M2=c.block_m2, BLOCK_N2=c.block_n2,
+                       bwd_num_warps=c.num_warps, bwd_num_stages=c.num_stages)
+        torch._dynamo.reset()
+        compiled = functools.partial(torch.compile(flex_attention, fullgraph=True), kernel_options=options)
+        oracle.check_call(compiled, BY_NAME[variant], B=2, Hq=4, Hkv=4, L=256, S=256, E=E, dtype=dtype,
+                          device="cuda", block_size=128, label=f"{variant} {c}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
