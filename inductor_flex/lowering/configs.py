@@ -55,11 +55,11 @@ _SHARED_MEMORY_BYTES = {"sm90": 227 * 1024, "sm80": 163 * 1024, "other": 99 * 10
 
 # float32 dots run on CUDA cores (no tensor-core path for IEEE float32), so every tile of a
 # program lives in registers. Measured on the H200 (Triton 3.6, 2026-12-01): the float32 D128
-# backward (32, 64, 64, 32) with 4 warps needs about 320 and 256 registers per thread in its
-# two program kinds, spills, and computed wrong dQ and captured-tensor gradients (once it
-# faulted with "operation not supported on global/shared address space"); with 8 warps, or
-# with either program kind lighter, every gradient was right. float32 configs are kept at or
-# under this budget, forward ones too (only max-autotune candidates were above it).
+# backward (32, 64, 64, 32) with 4 warps, about 320 and 256 registers per thread in its two
+# program kinds by the estimates below, computed wrong dQ and captured-tensor gradients (once
+# it faulted with "operation not supported on global/shared address space"); with 8 warps, or
+# with either program kind lighter, every gradient was right. A precaution drawn from that one
+# measurement, not a model of the fault: float32 configs, forward ones too, stay within it.
 _FLOAT32_REGISTER_BUDGET = 256
 
 
@@ -70,9 +70,9 @@ def runnable(config, dtype, fits_shared_memory, registers_per_thread):
         return None
     if dtype != torch.float32:
         return config
-    for warps in sorted({config.num_warps, 8}):
+    for warps in (config.num_warps, max(config.num_warps, 8)):
         candidate = replace(config, num_warps=warps)
-        if warps >= config.num_warps and registers_per_thread(candidate) <= _FLOAT32_REGISTER_BUDGET:
+        if registers_per_thread(candidate) <= _FLOAT32_REGISTER_BUDGET:
             return candidate
     return None
 
