@@ -109,7 +109,7 @@ def _on_device(tx, buffers, device):
             if value.dim() > 0:  # torch would not mix these either; the kernels could not read it
                 raise CaptureValueError(
                     f"a tensor of shape {tuple(value.shape)} captured by score_mod/mask_mod is on {value.device} "
-                    f"but query is on {device}; move it with .to(query.device) (only 0-dim CPU tensors "
+                    f"but query is on {device}; move it with .to(query.device) (only 0-dim tensors "
                     "are moved for you)"
                 )
             proxy = wrap_fx_proxy(tx, tx.output.create_proxy("call_method", "to", (proxy, device), {})).as_proxy()
