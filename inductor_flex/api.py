@@ -25,6 +25,7 @@ from .compile_check import warn_if_uncompiled
 from .kernel_options import validate_kernel_options
 from .mods import MASK_MOD_ARITY, SCORE_MOD_ARITY, check_mod_arity, identity_score_mod
 from .ops import flex_attention_op
+from .query_regroup import regroup_query_blocks, should_regroup
 from .reference import working_dtype
 
 
@@ -306,6 +307,9 @@ def flex_attention(
     args = (query, key, value, score_mod, block_mask.as_tuple(), float(scale), options)
 
     if torch.compiler.is_dynamo_compiling():
+        if should_regroup(block_mask, query):
+            # Small Q blocks would give the fused kernels small tiles (query_regroup.py).
+            args = (*args[:4], regroup_query_blocks(block_mask).as_tuple(), *args[5:])
         # Heads and head dims pick the kernel; keep them static under dynamic shapes.
         for t in (query, key, value):
             mark_static(t, -3)

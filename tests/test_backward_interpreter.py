@@ -256,3 +256,14 @@ def test_batch_made_dynamic_by_a_recompile():
     for B in (2, 3, 2):
         oracle.check_call(compiled, BY_NAME["alibi"], B=B, Hq=4, Hkv=2, L=20, S=24, E=16, dtype=torch.float32,
                           device="cpu", block_size=16)
+
+
+@pytest.mark.parametrize("variant,block_size", [("relative_position", 32), ("document", (48, 16))], ids=str)
+def test_small_query_blocks_regrouped(variant, block_size):
+    """Regrouped 128-row query blocks (query_regroup.py) through the backward, captured-tensor
+    gradients included. B·H·(L/128) reaches the interpreter's regrouping threshold of 8."""
+    from inductor_flex.query_regroup import MIN_REGROUPED_PROGRAMS_OFF_GPU
+
+    B, Hq, L = 2, 4, 140
+    assert B * Hq * -(-L // 128) >= MIN_REGROUPED_PROGRAMS_OFF_GPU
+    _run(BY_NAME[variant], B=B, Hq=Hq, Hkv=2, L=L, S=L, E=16, Ev=16, block_size=block_size)

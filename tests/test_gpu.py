@@ -19,8 +19,7 @@ def test_catalogue_forward(variant, dtype):
                        B=2, Hq=4, Hkv=2, L=300, S=300, E=64, Ev=64, block_size=128)
 
 
-# The backward still runs the query-chunked decomposition on GPUs (the fused backward template
-# is the next milestone); a representative subset keeps the tier's compile time in bounds.
+# A representative subset (the whole catalogue's backward is in test_backward_gpu.py).
 @pytest.mark.parametrize("variant", ["causal", "alibi", "document", "learnable_bias"])
 def test_catalogue_forward_backward(variant):
     variant = BY_NAME[variant]
@@ -76,3 +75,28 @@ def test_max_autotune_chooses_among_candidates_and_runs_our_template():
     assert any("attend_block_list" in code for code in codes)
     reference = flex_attention(q.double(), k.double(), v.double(), block_mask=mask)
     torch.testing.assert_close(out.double(), reference, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("variant,block_size", [("document", 32), ("relative_position", (48, 16)),
+                                                ("causal", (100, 64))], ids=str)
+def test_small_query_blocks_regrouped(variant, block_size, dtype):
+    """Q blocks of 32/48/100 rows run as regrouped 128-row blocks (query_regroup.py), forward
+    and backward: B·Hq·L/128 = 256 programs, above the GPU threshold of 128."""
+    oracle.run_variant(BY_NAME[variant], mode="inductor", device="cuda", dtype=dtype,
+                       B=2, Hq=16, Hkv=4, L=1000, S=1000, E=64, Ev=64, block_size=block_size)
+
+
+def test_hand_made_mask_regrouped():
+    """A random hand-made mask (absent, partial and full blocks in shuffled lists) of 32-row
+    blocks, regrouped, against the float64 eager result of the original mask."""
+    from inductor_flex import flex_attention
+    from test_query_regroup import random_block_mask, sliding_or_sink
+
+    B, H, L = 2, 16, 1000
+    mask = random_block_mask(B, H, L, L, (32, 32), sliding_or_sink).to("cuda")
+    q, k, v = (torch.randn(B, H, L, 64, device="cuda", dtype=torch.float64) for _ in range(3))
+    out = torch.compile(flex_attention, fullgraph=True)(*(t.bfloat16() for t in (q, k, v)), block_mask=mask)
+    gold = flex_attention(q, k, v, block_mask=mask)
+    oracle.assert_within("regrouped hand-made", out, gold,
+                         flex_attention(*(t.bfloat16() for t in (q, k, v)), block_mask=mask))

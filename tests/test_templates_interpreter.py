@@ -120,3 +120,20 @@ def test_softcap_in_half_precision_uses_the_fast_tanh():
     """fp16/bf16 score_mods get tanh rewritten (2·sigmoid(2x) − 1 off NVIDIA): still accurate."""
     _forward(BY_NAME["softcap"], B=1, Hq=2, Hkv=1, L=40, S=40, E=16, Ev=16, dtype=torch.float16, block_size=16)
 
+
+
+@pytest.mark.parametrize("block_size", [(32, 32), (48, 16), (100, 64)], ids=str)
+def test_small_query_blocks_are_regrouped_into_full_tiles(block_size):
+    """Q blocks below 64 rows (or not a multiple of it) run 128-row tiles through the regrouped
+    mask (query_regroup.py), here a hand-made one with absent, partial and full blocks."""
+    from test_query_regroup import random_block_mask, sliding_or_sink
+
+    B, H, L, S = 2, 4, 140, 150
+    mask = random_block_mask(B, H, L, S, block_size, sliding_or_sink)
+    q, k, v = (torch.randn(B, H, n, 16, dtype=torch.float64) for n in (L, S, S))
+    out, codes = run_and_get_code(torch.compile(flex_attention, fullgraph=True), q.float(), k.float(), v.float(),
+                                  block_mask=mask)
+    FileCheck().check("SPARSE_Q_BLOCK_SIZE : tl.constexpr = 128").run("\n".join(codes))
+    gold = flex_attention(q, k, v, block_mask=mask)
+    oracle.assert_within("regrouped out", out, gold, flex_attention(q.float(), k.float(), v.float(), block_mask=mask),
+                         accumulated_terms=S)

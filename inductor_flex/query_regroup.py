@@ -1,0 +1,101 @@
+"""Small query blocks regrouped into kernel-sized ones, so they run at full tile speed.
+
+The fused templates give each program the query rows of one sparse Q block (one block list
+serves the whole tile), so a BlockMask with Q blocks of 16, 32 or 48 rows runs 16-48-row
+tiles, a fraction of the tensor cores' speed (H200, causal D128 S8192: Q/KV blocks of 32 at
+0.40x torch's speed with blocks of 128, 48 at 0.72x). Under torch.compile such a mask is
+replaced, before the operator, by an equivalent one whose Q blocks have REGROUPED_ROWS rows:
+
+- a regrouped block is *full* where every fine block it covers is full, listed nowhere where
+  every one is absent, and *partial* otherwise;
+- its mask_mod reads a table of the fine blocks' kinds ([B, H, rows, cols] int8: 0 absent,
+  1 partial, 2 full) and answers what the fine mask answers: full -> attended, partial -> the
+  user's mask_mod, absent -> masked.
+
+Every position is therefore attended exactly as before, hand-made masks included (the table is
+the fine mask's own semantics); the partial regrouped blocks pay one table read per score. The
+KV direction is left alone: the templates already gather small KV blocks into full-width tiles.
+"""
+
+import torch
+
+from .block_mask import BlockMask, _ordered_to_dense
+
+# Rows of a regrouped query block: the forward's tile height (BLOCK_M 128, or 64 twice).
+REGROUPED_ROWS = 128
+
+# Regrouping divides the programs of the grid by the regrouping factor: it only runs when the
+# regrouped grid still fills about one wave of SMs (H100/H200: 132). Off GPU (Triton's
+# interpreter) the same rule with a stand-in of 8 SMs, so small tests keep the fine path.
+MIN_REGROUPED_PROGRAMS_ON_GPU = 128
+MIN_REGROUPED_PROGRAMS_OFF_GPU = 8
+
+ABSENT, PARTIAL, FULL = 0, 1, 2
+
+
+def should_regroup(block_mask: BlockMask, query: torch.Tensor) -> bool:
+    """Regroup for the fused templates when the Q blocks are not a multiple of 64 rows (the
+    smallest full-speed tile), shapes are static, the query is longer than the decode kernel's
+    (which does not tile by Q block) and enough programs remain to fill the GPU."""
+    # Imported here: the lowering package pulls in Inductor, which `import inductor_flex` must not.
+    from .lowering.forward import DECODE_MAX_QUERY_LEN, runs_triton
+
+    if not runs_triton(query.device):
+        return False
+    q_block = block_mask.BLOCK_SIZE[0]
+    sizes = (*query.shape, *block_mask.kv_indices.shape, *block_mask.BLOCK_SIZE, *block_mask.seq_lengths)
+    if not all(isinstance(size, int) for size in sizes):
+        return False
+    if q_block % 64 == 0 or query.size(-2) <= DECODE_MAX_QUERY_LEN:
+        return False
+    regrouped_programs = query.size(0) * query.size(1) * -(-query.size(-2) // REGROUPED_ROWS)
+    needed = MIN_REGROUPED_PROGRAMS_ON_GPU if query.device.type != "cpu" else MIN_REGROUPED_PROGRAMS_OFF_GPU
+    return regrouped_programs >= needed
+
+
+def fine_block_kinds(block_mask: BlockMask) -> torch.Tensor:
+    """int8 [B, H, rows, cols]: FULL, PARTIAL or ABSENT for every block of the mask (a block
+    listed as both is full, as in the reference: full blocks never consult mask_mod)."""
+    num_cols = block_mask.kv_indices.size(-1)
+    kinds = _ordered_to_dense(block_mask.kv_num_blocks, block_mask.kv_indices, num_cols).to(torch.int8)
+    if block_mask.full_kv_num_blocks is not None:
+        full = _ordered_to_dense(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, num_cols)
+        kinds = torch.where(full, FULL, kinds).to(torch.int8)
+    return kinds
+
+
+def covered_fine_rows(q_len: int, fine_rows: int, device) -> torch.Tensor:
+    """long [regrouped blocks, slots]: the fine Q blocks each regrouped block overlaps (inside
+    q_len), the last one repeated to fill the slots (a repeat changes no min or max)."""
+    regrouped = -(-q_len // REGROUPED_ROWS)
+    slots = -(-(REGROUPED_ROWS - 1) // fine_rows) + 1
+    first_row = torch.arange(regrouped, device=device) * REGROUPED_ROWS
+    last_row = torch.clamp(first_row + REGROUPED_ROWS, max=q_len) - 1
+    first, last = first_row // fine_rows, last_row // fine_rows
+    return torch.minimum(first[:, None] + torch.arange(slots, device=device), last[:, None])
+
+
+def mask_mod_from_kinds(mask_mod, kinds: torch.Tensor, fine_rows: int, kv_block: int):
+    """The fine mask's answer for any position, from its kinds table and its mask_mod."""
+    per_batch, per_head = kinds.size(0) > 1, kinds.size(1) > 1
+
+    def fine_block_mask_mod(b, h, q_idx, kv_idx):
+        kind = kinds[b if per_batch else 0, h if per_head else 0, q_idx // fine_rows, kv_idx // kv_block]
+        return (kind == FULL) | ((kind == PARTIAL) & mask_mod(b, h, q_idx, kv_idx))
+
+    return fine_block_mask_mod
+
+
+def regroup_query_blocks(block_mask: BlockMask) -> BlockMask:
+    """The same mask with Q blocks of REGROUPED_ROWS rows (see the module docstring)."""
+    q_len, _ = block_mask.seq_lengths
+    fine_rows, kv_block = block_mask.BLOCK_SIZE
+    kinds = fine_block_kinds(block_mask)
+    per_regrouped = kinds[:, :, covered_fine_rows(q_len, fine_rows, kinds.device)]
+    any_listed = per_regrouped.amax(dim=-2) > ABSENT
+    all_full = per_regrouped.amin(dim=-2) == FULL
+    has_full = block_mask.full_kv_num_blocks is not None
+    return BlockMask._from_block_maps(
+        any_listed & ~all_full, all_full if has_full else None, block_mask.seq_lengths, (REGROUPED_ROWS, kv_block),
+        mask_mod_from_kinds(block_mask.mask_mod, kinds, fine_rows, kv_block),
+    )
