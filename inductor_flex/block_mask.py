@@ -196,22 +196,11 @@ def _ordered_to_dense(num_blocks: torch.Tensor, indices: torch.Tensor, num_cols:
 
 
 def _dense_to_ordered(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(num_blocks int32 [...], indices int32 [..., n]) of a bool block map [..., n]: the listed
-    blocks first, then the others, each ascending.
-
-    A cumulative sum gives every entry its destination: O(n), deterministic, and cheap to
-    compile (a stable argsort made Inductor spend ~20 s compiling the masks rebuilt inside a
-    compiled graph, query_regroup.py's, on the H200).
-    """
-    n = dense.size(-1)
+    """(num_blocks, indices) of a block map: listed blocks first, then the others, each ascending."""
     as_int = dense.to(torch.int32)
     num_blocks = as_int.sum(-1, dtype=torch.int32)
-    listed_before = torch.cumsum(as_int, dim=-1, dtype=torch.int32) - as_int
-    position = torch.arange(n, device=dense.device, dtype=torch.int32)
-    destination = torch.where(dense, listed_before, num_blocks.unsqueeze(-1) + position - listed_before)
-    indices = torch.empty(dense.shape, dtype=torch.int32, device=dense.device)
-    indices.scatter_(-1, destination.long(), position.expand(dense.shape))
-    return num_blocks.contiguous(), indices
+    indices = torch.argsort(as_int, dim=-1, descending=True, stable=True).to(torch.int32)
+    return num_blocks.contiguous(), indices.contiguous()
 
 
 def _check_dq_order_fields(write_order, write_order_full, kv_order, kv_order_spt) -> None:

@@ -592,18 +592,3 @@ def test_torch_keywords_are_accepted_and_as_tuple_unflattened():
     again = BlockMask.from_kv_blocks(mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks,
                                      mask.full_kv_indices, BLOCK_SIZE=32, dq_kv_order=order)
     assert torch.equal(again.to_dense(), mask.to_dense())
-
-
-@pytest.mark.parametrize("shape", [(2, 3, 7, 11), (1, 1, 1, 1), (3, 0), (2, 64, 5)], ids=str)
-def test_dense_to_ordered_lists_blocks_first_then_the_rest_ascending(shape):
-    """The cumulative-sum compaction gives what a stable descending argsort gives, on
-    transposed (non-contiguous) maps too."""
-    from inductor_flex.block_mask import _dense_to_ordered
-
-    dense = torch.rand(shape) < 0.4
-    for view in (dense, dense.transpose(-1, -2)):
-        num_blocks, indices = _dense_to_ordered(view)
-        as_int = view.to(torch.int32)
-        assert torch.equal(num_blocks, as_int.sum(-1, dtype=torch.int32))
-        assert torch.equal(indices, torch.argsort(as_int, dim=-1, descending=True, stable=True).to(torch.int32))
-        assert num_blocks.is_contiguous() and indices.is_contiguous() and indices.dtype == torch.int32
