@@ -19,7 +19,7 @@ KV direction is left alone: the templates already gather small KV blocks into fu
 
 import torch
 
-from .block_mask import BlockMask, _ordered_to_dense
+from .block_mask import BlockMask, _dense_to_ordered, _ordered_to_dense
 
 # Rows of a regrouped query block: the forward's tile height (BLOCK_M 128, or 64 twice).
 REGROUPED_ROWS = 128
@@ -53,13 +53,13 @@ def should_regroup(block_mask: BlockMask, query: torch.Tensor) -> bool:
     return regrouped_programs >= needed
 
 
-def fine_block_kinds(block_mask: BlockMask) -> torch.Tensor:
-    """int8 [B, H, rows, cols]: FULL, PARTIAL or ABSENT for every block of the mask (a block
-    listed as both is full, as in the reference: full blocks never consult mask_mod)."""
-    num_cols = block_mask.kv_indices.size(-1)
-    kinds = _ordered_to_dense(block_mask.kv_num_blocks, block_mask.kv_indices, num_cols).to(torch.int8)
-    if block_mask.full_kv_num_blocks is not None:
-        full = _ordered_to_dense(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, num_cols)
+def fine_block_kinds(kv_num_blocks, kv_indices, full_kv_num_blocks=None, full_kv_indices=None) -> torch.Tensor:
+    """int8 [B, H, rows, cols]: FULL, PARTIAL or ABSENT for every block of a mask's KV lists
+    (a block listed as both is full, as in the reference: full blocks never consult mask_mod)."""
+    num_cols = kv_indices.size(-1)
+    kinds = _ordered_to_dense(kv_num_blocks, kv_indices, num_cols).to(torch.int8)
+    if full_kv_num_blocks is not None:
+        full = _ordered_to_dense(full_kv_num_blocks, full_kv_indices, num_cols)
         kinds = torch.where(full, FULL, kinds).to(torch.int8)
     return kinds
 
@@ -86,16 +86,60 @@ def mask_mod_from_kinds(mask_mod, kinds: torch.Tensor, fine_rows: int, kv_block:
     return fine_block_mask_mod
 
 
+@torch.library.custom_op("inductor_flex::regroup_query_blocks", mutates_args=())
+def regrouped_block_lists(
+    kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, full_kv_num_blocks: torch.Tensor,
+    full_kv_indices: torch.Tensor, q_len: int, fine_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor]:
+    """The fine kinds table and the eight block lists of the regrouped mask (kv, full kv, q,
+    full q; each a count and an index list).
+
+    An operator of its own, so a compiled graph calls this eager code (Inductor runs it as an
+    extern kernel) instead of generating kernels for it: generating its stable argsorts cost
+    20-30 s of compile on the H200, and these few small ops cost little at run time.
+    """
+    kinds = fine_block_kinds(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)
+    per_regrouped = kinds[:, :, covered_fine_rows(q_len, fine_rows, kinds.device)]
+    any_listed = per_regrouped.amax(dim=-2) > ABSENT
+    all_full = per_regrouped.amin(dim=-2) == FULL
+    partial = any_listed & ~all_full
+    return (kinds, *_dense_to_ordered(partial), *_dense_to_ordered(all_full),
+            *_dense_to_ordered(partial.transpose(-2, -1)), *_dense_to_ordered(all_full.transpose(-2, -1)))
+
+
+@regrouped_block_lists.register_fake
+def _regrouped_block_lists_shapes(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, q_len, fine_rows):
+    *batch_heads, rows, cols = kv_indices.shape
+    regrouped = -(-q_len // REGROUPED_ROWS)
+
+    def new(*shape, dtype=torch.int32):
+        return kv_indices.new_empty(*batch_heads, *shape, dtype=dtype)
+
+    def kv_lists():
+        return new(regrouped), new(regrouped, cols)
+
+    def q_lists():
+        return new(cols), new(cols, regrouped)
+
+    return (new(rows, cols, dtype=torch.int8), *kv_lists(), *kv_lists(), *q_lists(), *q_lists())
+
+
 def regroup_query_blocks(block_mask: BlockMask) -> BlockMask:
     """The same mask with Q blocks of REGROUPED_ROWS rows (see the module docstring)."""
     q_len, _ = block_mask.seq_lengths
     fine_rows, kv_block = block_mask.BLOCK_SIZE
-    kinds = fine_block_kinds(block_mask)
-    per_regrouped = kinds[:, :, covered_fine_rows(q_len, fine_rows, kinds.device)]
-    any_listed = per_regrouped.amax(dim=-2) > ABSENT
-    all_full = per_regrouped.amin(dim=-2) == FULL
     has_full = block_mask.full_kv_num_blocks is not None
-    return BlockMask._from_block_maps(
-        any_listed & ~all_full, all_full if has_full else None, block_mask.seq_lengths, (REGROUPED_ROWS, kv_block),
-        mask_mod_from_kinds(block_mask.mask_mod, kinds, fine_rows, kv_block),
+    # Without full lists, an empty one stands in (the operator's inputs are all tensors).
+    full_num = block_mask.full_kv_num_blocks if has_full else torch.zeros_like(block_mask.kv_num_blocks)
+    full_indices = block_mask.full_kv_indices if has_full else block_mask.kv_indices
+    kinds, *lists = regrouped_block_lists(block_mask.kv_num_blocks, block_mask.kv_indices, full_num, full_indices,
+                                          q_len, fine_rows)
+    kv_num, kv_indices, full_kv_num, full_kv_indices, q_num, q_indices, full_q_num, full_q_indices = lists
+    if not has_full:
+        full_kv_num = full_kv_indices = full_q_num = full_q_indices = None
+    return BlockMask(
+        block_mask.seq_lengths, kv_num, kv_indices, full_kv_num, full_kv_indices, q_num, q_indices, full_q_num,
+        full_q_indices, BLOCK_SIZE=(REGROUPED_ROWS, kv_block),
+        mask_mod=mask_mod_from_kinds(block_mask.mask_mod, kinds, fine_rows, kv_block),
     )

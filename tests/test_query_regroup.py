@@ -10,7 +10,8 @@ import torch
 
 from inductor_flex import BlockMask, create_block_mask, flex_attention
 from inductor_flex.api import AuxRequest
-from inductor_flex.query_regroup import REGROUPED_ROWS, fine_block_kinds, regroup_query_blocks, should_regroup
+from inductor_flex.query_regroup import (REGROUPED_ROWS, fine_block_kinds, regroup_query_blocks, regrouped_block_lists,
+                                         should_regroup)
 
 
 def _random_lists(kinds: torch.Tensor, kind: int):
@@ -68,7 +69,8 @@ def test_created_masks_and_their_block_counts():
     """A causal mask of 32-blocks: regrouped rows list the union of their fine rows' blocks."""
     mask = create_block_mask(lambda b, h, q, kv: q >= kv, None, None, 300, 300, device="cpu", BLOCK_SIZE=32)
     regrouped = regroup_query_blocks(mask)
-    kinds = fine_block_kinds(regrouped)[0, 0]
+    kinds = fine_block_kinds(regrouped.kv_num_blocks, regrouped.kv_indices, regrouped.full_kv_num_blocks,
+                             regrouped.full_kv_indices)[0, 0]
     # Regrouped row 0 covers fine rows 0-3: blocks 0-2 mixed (partial), block 3 partial; row 2
     # covers fine rows 8-9 (rows 256-299): blocks 0-7 full, 8-9 partial.
     assert kinds[0].tolist() == [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
@@ -89,3 +91,13 @@ def test_when_it_applies():
     assert not should_regroup(short, query(L=16))  # the decode kernel's queries
     cpu_mask = create_block_mask(lambda b, h, q, kv: q >= kv, None, None, 300, 300, device="cpu", BLOCK_SIZE=32)
     assert not should_regroup(cpu_mask, torch.empty(2, 16, 300, 64))  # C++ backend: no tiles
+
+
+@pytest.mark.parametrize("with_full", [True, False])
+def test_the_operator_and_its_shapes_agree(with_full):
+    """torch.library.opcheck: the fake (shapes under torch.compile) matches the real outputs,
+    and the operator traces and runs as one node."""
+    mask = random_block_mask(2, 3, 300, 200, (32, 16), sliding_or_sink, with_full=with_full)
+    full_num = mask.full_kv_num_blocks if with_full else torch.zeros_like(mask.kv_num_blocks)
+    full_indices = mask.full_kv_indices if with_full else mask.kv_indices
+    torch.library.opcheck(regrouped_block_lists, (mask.kv_num_blocks, mask.kv_indices, full_num, full_indices, 300, 32))
