@@ -29,6 +29,10 @@ REGROUPED_ROWS = 128
 # interpreter) the same rule with a stand-in of 8 SMs, so small tests keep the fine path.
 MIN_REGROUPED_PROGRAMS_ON_GPU = 128
 MIN_REGROUPED_PROGRAMS_OFF_GPU = 8
+# The regrouped lists are rebuilt at every call by ~35 small eager ops (a few hundred µs of
+# host time, hidden only behind enough GPU work): on a GPU, only for at least this many
+# scores (B·H·Lq·Lkv; 2^28 is about a millisecond of attention on an H100).
+MIN_REGROUPED_SCORES_ON_GPU = 1 << 28
 
 ABSENT, PARTIAL, FULL = 0, 1, 2
 
@@ -36,7 +40,8 @@ ABSENT, PARTIAL, FULL = 0, 1, 2
 def should_regroup(block_mask: BlockMask, query: torch.Tensor) -> bool:
     """Regroup for the fused templates when the Q blocks are not a multiple of 64 rows (the
     smallest full-speed tile), shapes are static, the query is longer than the decode kernel's
-    (which does not tile by Q block) and enough programs remain to fill the GPU."""
+    (which does not tile by Q block), enough programs remain to fill the GPU and there is
+    enough work to hide the rebuilding of the lists."""
     # Imported here: the lowering package pulls in Inductor, which `import inductor_flex` must not.
     from .lowering.forward import DECODE_MAX_QUERY_LEN, runs_triton
 
@@ -48,9 +53,12 @@ def should_regroup(block_mask: BlockMask, query: torch.Tensor) -> bool:
         return False
     if q_block % 64 == 0 or query.size(-2) <= DECODE_MAX_QUERY_LEN:
         return False
-    regrouped_programs = query.size(0) * query.size(1) * -(-query.size(-2) // REGROUPED_ROWS)
-    needed = MIN_REGROUPED_PROGRAMS_ON_GPU if query.device.type != "cpu" else MIN_REGROUPED_PROGRAMS_OFF_GPU
-    return regrouped_programs >= needed
+    batch, heads, q_len = query.shape[:3]
+    regrouped_programs = batch * heads * -(-q_len // REGROUPED_ROWS)
+    if query.device.type == "cpu":
+        return regrouped_programs >= MIN_REGROUPED_PROGRAMS_OFF_GPU
+    scores = batch * heads * q_len * block_mask.seq_lengths[1]
+    return regrouped_programs >= MIN_REGROUPED_PROGRAMS_ON_GPU and scores >= MIN_REGROUPED_SCORES_ON_GPU
 
 
 def fine_block_kinds(kv_num_blocks, kv_indices, full_kv_num_blocks=None, full_kv_indices=None) -> torch.Tensor:
