@@ -29,10 +29,10 @@ REGROUPED_ROWS = 128
 # interpreter) the same rule with a stand-in of 8 SMs, so small tests keep the fine path.
 MIN_REGROUPED_PROGRAMS_ON_GPU = 128
 MIN_REGROUPED_PROGRAMS_OFF_GPU = 8
-# The regrouped lists are rebuilt at every call by ~35 small eager ops (a few hundred µs of
-# host time, hidden only behind enough GPU work): on a GPU, only for at least this many
-# scores (B·H·Lq·Lkv; 2^28 is about a millisecond of attention on an H100).
-MIN_REGROUPED_SCORES_ON_GPU = 1 << 28
+# The regrouped lists are rebuilt at every call by some fifty small eager ops (a few hundred µs
+# of host time, hidden only behind enough GPU work): on a GPU, only for at least this many
+# scores B·H·Lq·Lkv (2^29 at D128: 275 GFLOP, ~0.7 ms of unmasked attention on an H100).
+MIN_REGROUPED_SCORES_ON_GPU = 1 << 29
 
 ABSENT, PARTIAL, FULL = 0, 1, 2
 
@@ -105,7 +105,8 @@ def regrouped_block_lists(
 
     An operator of its own, so a compiled graph calls this eager code (Inductor runs it as an
     extern kernel) instead of generating kernels for it: generating its stable argsorts cost
-    20-30 s of compile on the H200, and these few small ops cost little at run time.
+    20-30 s of compile on the H200. The price is host time at every call (see
+    MIN_REGROUPED_SCORES_ON_GPU).
     """
     kinds = fine_block_kinds(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)
     per_regrouped = kinds[:, :, covered_fine_rows(q_len, fine_rows, kinds.device)]

@@ -88,7 +88,7 @@ def test_when_it_applies():
     assert not should_regroup(mask64, query())  # 64-row tiles already run at full speed
     assert not should_regroup(mask32, query(B=1, H=2))  # 64 programs: not a wave of SMs
     small = create_block_mask(lambda b, h, q, kv: q >= kv, None, None, 1024, 1024, device="meta", BLOCK_SIZE=32)
-    assert not should_regroup(small, query(L=1024))  # 256 programs, but 2^25 scores: too little work
+    assert not should_regroup(small, query(L=1024))  # 256 programs but 2^25 scores (4096²: 2^29)
     short = create_block_mask(lambda b, h, q, kv: q >= kv, None, None, 16, 4096, device="meta", BLOCK_SIZE=32)
     assert not should_regroup(short, query(L=16))  # the decode kernel's queries
     cpu_mask = create_block_mask(lambda b, h, q, kv: q >= kv, None, None, 300, 300, device="cpu", BLOCK_SIZE=32)
