@@ -304,12 +304,12 @@ def flex_attention(
         )
     if _is_empty(query, key, value) or query.device.type == "meta":
         return _results(*_attention_without_scores(query, key, value), return_aux, return_lse)
+    if torch.compiler.is_dynamo_compiling() and should_regroup(block_mask, query):
+        # Small Q blocks would give the fused kernels small tiles (query_regroup.py).
+        block_mask = regroup_query_blocks(block_mask)
     args = (query, key, value, score_mod, block_mask.as_tuple(), float(scale), options)
 
     if torch.compiler.is_dynamo_compiling():
-        if should_regroup(block_mask, query):
-            # Small Q blocks would give the fused kernels small tiles (query_regroup.py).
-            args = (*args[:4], regroup_query_blocks(block_mask).as_tuple(), *args[5:])
         # Heads and head dims pick the kernel; keep them static under dynamic shapes.
         for t in (query, key, value):
             mark_static(t, -3)

@@ -17,6 +17,8 @@ the fine mask's own semantics); the partial regrouped blocks pay one table read 
 KV direction is left alone: the templates already gather small KV blocks into full-width tiles.
 """
 
+from typing import Optional
+
 import torch
 
 from .block_mask import BlockMask, _dense_to_ordered, _ordered_to_dense
@@ -96,12 +98,12 @@ def mask_mod_from_kinds(mask_mod, kinds: torch.Tensor, fine_rows: int, kv_block:
 
 @torch.library.custom_op("inductor_flex::regroup_query_blocks", mutates_args=())
 def regrouped_block_lists(
-    kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, full_kv_num_blocks: torch.Tensor,
-    full_kv_indices: torch.Tensor, q_len: int, fine_rows: int,
+    kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, full_kv_num_blocks: Optional[torch.Tensor],
+    full_kv_indices: Optional[torch.Tensor], q_len: int, fine_rows: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor]:
     """The fine kinds table and the eight block lists of the regrouped mask (kv, full kv, q,
-    full q; each a count and an index list).
+    full q; each a count and an index list; the full ones list nothing without full blocks).
 
     An operator of its own, so a compiled graph calls this eager code (Inductor runs it as an
     extern kernel) instead of generating kernels for it: generating its stable argsorts cost
@@ -138,14 +140,10 @@ def regroup_query_blocks(block_mask: BlockMask) -> BlockMask:
     """The same mask with Q blocks of REGROUPED_ROWS rows (see the module docstring)."""
     q_len, _ = block_mask.seq_lengths
     fine_rows, kv_block = block_mask.BLOCK_SIZE
-    has_full = block_mask.full_kv_num_blocks is not None
-    # Without full lists, an empty one stands in (the operator's inputs are all tensors).
-    full_num = block_mask.full_kv_num_blocks if has_full else torch.zeros_like(block_mask.kv_num_blocks)
-    full_indices = block_mask.full_kv_indices if has_full else block_mask.kv_indices
-    kinds, *lists = regrouped_block_lists(block_mask.kv_num_blocks, block_mask.kv_indices, full_num, full_indices,
-                                          q_len, fine_rows)
+    kinds, *lists = regrouped_block_lists(block_mask.kv_num_blocks, block_mask.kv_indices,
+                                          block_mask.full_kv_num_blocks, block_mask.full_kv_indices, q_len, fine_rows)
     kv_num, kv_indices, full_kv_num, full_kv_indices, q_num, q_indices, full_q_num, full_q_indices = lists
-    if not has_full:
+    if block_mask.full_kv_num_blocks is None:
         full_kv_num = full_kv_indices = full_q_num = full_q_indices = None
     return BlockMask(
         block_mask.seq_lengths, kv_num, kv_indices, full_kv_num, full_kv_indices, q_num, q_indices, full_q_num,

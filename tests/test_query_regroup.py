@@ -100,6 +100,5 @@ def test_the_operator_and_its_shapes_agree(with_full):
     """torch.library.opcheck: the fake (shapes under torch.compile) matches the real outputs,
     and the operator traces and runs as one node."""
     mask = random_block_mask(2, 3, 300, 200, (32, 16), sliding_or_sink, with_full=with_full)
-    full_num = mask.full_kv_num_blocks if with_full else torch.zeros_like(mask.kv_num_blocks)
-    full_indices = mask.full_kv_indices if with_full else mask.kv_indices
-    torch.library.opcheck(regrouped_block_lists, (mask.kv_num_blocks, mask.kv_indices, full_num, full_indices, 300, 32))
+    torch.library.opcheck(regrouped_block_lists, (mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks,
+                                                  mask.full_kv_indices, 300, 32))

@@ -121,7 +121,6 @@ def test_softcap_in_half_precision_uses_the_fast_tanh():
     _forward(BY_NAME["softcap"], B=1, Hq=2, Hkv=1, L=40, S=40, E=16, Ev=16, dtype=torch.float16, block_size=16)
 
 
-
 @pytest.mark.parametrize("block_size", [(32, 32), (48, 16), (100, 64)], ids=str)
 def test_small_query_blocks_are_regrouped_into_full_tiles(block_size):
     """Q blocks below 64 rows (or not a multiple of it) run 128-row tiles through the regrouped
