@@ -25,7 +25,7 @@ from .compile_check import warn_if_uncompiled
 from .kernel_options import validate_kernel_options
 from .mods import MASK_MOD_ARITY, SCORE_MOD_ARITY, check_mod_arity, identity_score_mod
 from .ops import flex_attention_op
-from .query_regroup import regroup_query_blocks, should_regroup
+from .block_regroup import regroup_blocks, regrouped_block_size
 from .reference import working_dtype
 
 
@@ -304,9 +304,10 @@ def flex_attention(
         )
     if _is_empty(query, key, value) or query.device.type == "meta":
         return _results(*_attention_without_scores(query, key, value), return_aux, return_lse)
-    if torch.compiler.is_dynamo_compiling() and should_regroup(block_mask, query):
-        # Small Q blocks would give the fused kernels small tiles (query_regroup.py).
-        block_mask = regroup_query_blocks(block_mask)
+    regrouped_size = regrouped_block_size(block_mask, query) if torch.compiler.is_dynamo_compiling() else None
+    if regrouped_size is not None:
+        # Small blocks would give the fused kernels small or gathered tiles (block_regroup.py).
+        block_mask = regroup_blocks(block_mask, regrouped_size)
     args = (query, key, value, score_mod, block_mask.as_tuple(), float(scale), options)
 
     if torch.compiler.is_dynamo_compiling():

@@ -41,6 +41,7 @@ import torch
 
 from .api import flex_attention
 from .block_mask import DEFAULT_BLOCK_SIZE, BlockMask, _as_device, _ordered_to_dense, noop_mask
+from .block_regroup import KV_POSITIONS_ARE_PAGES
 from .mods import MASK_MOD_ARITY, SCORE_MOD_ARITY, check_mod_arity
 
 __all__ = ["PagedKVCache"]
@@ -590,4 +591,5 @@ class PagedKVCache:
             return held & mask_mod(b, h, q_idx, torch.where(held, logical, 0))
 
         paged_mask_mod.__name__ = f"paged_{getattr(mask_mod, '__name__', 'mask_mod')}"
+        setattr(paged_mask_mod, KV_POSITIONS_ARE_PAGES, True)  # pages are never regrouped into tiles
         return paged_mask_mod

@@ -258,11 +258,12 @@ def test_batch_made_dynamic_by_a_recompile():
                           device="cpu", block_size=16)
 
 
-@pytest.mark.parametrize("variant,block_size", [("relative_position", 32), ("document", (48, 16))], ids=str)
-def test_small_query_blocks_regrouped(variant, block_size):
-    """Regrouped 128-row query blocks (query_regroup.py) through the backward, captured-tensor
-    gradients included. B·H·(L/128) reaches the interpreter's regrouping threshold of 8."""
-    from inductor_flex.query_regroup import MIN_REGROUPED_PROGRAMS_OFF_GPU
+@pytest.mark.parametrize("variant,block_size", [("relative_position", 32), ("document", (48, 16)),
+                                                ("alibi", (64, 24))], ids=str)
+def test_small_blocks_regrouped(variant, block_size):
+    """Regrouped 128-blocks (block_regroup.py) through the backward, captured-tensor gradients
+    included. B·H·(L/128) reaches the interpreter's regrouping threshold of 8."""
+    from inductor_flex.block_regroup import MIN_REGROUPED_PROGRAMS_OFF_GPU
 
     B, Hq, L = 2, 4, 140
     assert B * Hq * -(-L // 128) >= MIN_REGROUPED_PROGRAMS_OFF_GPU

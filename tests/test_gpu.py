@@ -79,22 +79,22 @@ def test_max_autotune_chooses_among_candidates_and_runs_our_template():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("variant,block_size", [("document", 32), ("relative_position", (48, 16)),
-                                                ("causal", (100, 64))], ids=str)
-def test_small_query_blocks_regrouped(variant, block_size, dtype, monkeypatch):
-    """Q blocks of 32/48/100 rows run as regrouped 128-row blocks (query_regroup.py), forward
-    and backward: B·Hq·L/128 = 256 programs, above the GPU threshold of 128 (the work threshold
-    is lifted: this case is small enough to run fast)."""
-    monkeypatch.setattr("inductor_flex.query_regroup.MIN_REGROUPED_SCORES_ON_GPU", 0)
+                                                ("causal", (100, 64)), ("alibi", (128, 48))], ids=str)
+def test_small_blocks_regrouped(variant, block_size, dtype, monkeypatch):
+    """Blocks of 16/32/48/100 run as regrouped 128-blocks (block_regroup.py; 64-multiples keep
+    theirs), forward and backward: B·Hq·L/128 = 256 programs, above the GPU threshold of 128
+    (the work threshold is lifted: this case is small enough to run fast)."""
+    monkeypatch.setattr("inductor_flex.block_regroup.MIN_REGROUPED_SCORES_ON_GPU", 0)
     oracle.run_variant(BY_NAME[variant], mode="inductor", device="cuda", dtype=dtype,
                        B=2, Hq=16, Hkv=4, L=1000, S=1000, E=64, Ev=64, block_size=block_size)
 
 
 def test_hand_made_mask_regrouped(monkeypatch):
-    """A random hand-made mask (absent, partial and full blocks in shuffled lists) of 32-row
-    blocks, regrouped, against the float64 eager result of the original mask."""
-    monkeypatch.setattr("inductor_flex.query_regroup.MIN_REGROUPED_SCORES_ON_GPU", 0)
+    """A random hand-made mask (absent, partial and full blocks in shuffled lists) of 32-blocks,
+    regrouped, against the float64 eager result of the original mask."""
+    monkeypatch.setattr("inductor_flex.block_regroup.MIN_REGROUPED_SCORES_ON_GPU", 0)
     from inductor_flex import flex_attention
-    from test_query_regroup import random_block_mask, sliding_or_sink
+    from test_block_regroup import random_block_mask, sliding_or_sink
 
     B, H, L = 2, 16, 1000
     mask = random_block_mask(B, H, L, L, (32, 32), sliding_or_sink).to("cuda")
@@ -103,3 +103,42 @@ def test_hand_made_mask_regrouped(monkeypatch):
     gold = flex_attention(q, k, v, block_mask=mask)
     oracle.assert_within("regrouped hand-made", out, gold,
                          flex_attention(*(t.bfloat16() for t in (q, k, v)), block_mask=mask))
+
+
+
+@pytest.mark.parametrize("fast_math", [False, True], ids=["default", "FAST_MATH"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_softcap_tanh_form(dtype, fast_math):
+    """The hardware tanh only with FAST_MATH=True. By default the output, lse and gradients stay
+    within twice the same-dtype eager error on scores large enough (|s| up to ~30) for a tanh
+    error to show; with FAST_MATH the output and gradients do (its ~2^-11 relative error shows
+    in the float32 lse: opt-in for that reason)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from inductor_flex import AuxRequest, create_block_mask, flex_attention
+
+    def softcap(score, b, h, q_idx, kv_idx):
+        return 30.0 * torch.tanh(score / 30.0)
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    mask = create_block_mask(causal, None, None, 1000, 1000, device="cuda")
+    gold_qkv = [(torch.randn(2, 4, 1000, 64, device="cuda", dtype=torch.float64) * s).requires_grad_()
+                for s in (4.0, 1.0, 1.0)]
+    qkv = [t.detach().to(dtype).requires_grad_() for t in gold_qkv]
+    eager_qkv = [t.detach().to(dtype).requires_grad_() for t in gold_qkv]
+    compiled = torch.compile(flex_attention, fullgraph=True)
+    (out, aux), codes = run_and_get_code(compiled, *qkv, score_mod=softcap, block_mask=mask,
+                                         return_aux=AuxRequest(lse=True), kernel_options={"FAST_MATH": fast_math})
+    assert any("tanh.approx.f32" in code for code in codes) == fast_math
+    gold, gold_aux = flex_attention(*gold_qkv, score_mod=softcap, block_mask=mask, return_aux=AuxRequest(lse=True))
+    eager, eager_aux = flex_attention(*eager_qkv, score_mod=softcap, block_mask=mask, return_aux=AuxRequest(lse=True))
+    oracle.assert_within("out", out, gold, eager)
+    if not fast_math:
+        oracle.assert_within("lse", aux.lse, gold_aux.lse, eager_aux.lse)
+    grad = torch.randn_like(gold)
+    for result in (out, gold, eager):
+        result.backward(grad.to(result.dtype))
+    for name, ours, ref, base in zip("qkv", qkv, gold_qkv, eager_qkv):
+        oracle.assert_within(f"d{name}", ours.grad, ref.grad, base.grad)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._inductor.utils import run_and_get_code
 
 from oracle import assert_within
 from triton_on_cpu import interpreter_requested, triton_on_cpu
@@ -440,8 +441,13 @@ def test_interpreted_decode_and_prefill(page_size, monkeypatch):
 
         prefill = torch.compile(lambda q: cache.attention(
             q, cache.convert_logical_block_mask(logical, torch.arange(3)), score_mod=alibi_prefill), fullgraph=True)
-        check_against_logical("interpreted prefill", prefill(query), query, keys, values, rows=lengths,
+        out, codes = run_and_get_code(prefill, query)
+        check_against_logical("interpreted prefill", out, query, keys, values, rows=lengths,
                               score_mod=alibi_prefill, mask_mod=causal)
+        # 32-row Q blocks are regrouped (block_regroup.py); pages are never regrouped.
+        kernel = next(code for code in codes if "SPARSE_KV_BLOCK_SIZE" in code)
+        assert f"SPARSE_KV_BLOCK_SIZE : tl.constexpr = {page_size}" in kernel
+        assert "SPARSE_Q_BLOCK_SIZE : tl.constexpr = 128" in kernel
 
 
 @pytest.mark.skipif(not interpreter_requested(), reason="run by test_paged_attention_through_triton_interpreter")

@@ -121,11 +121,11 @@ def test_softcap_in_half_precision_uses_the_fast_tanh():
     _forward(BY_NAME["softcap"], B=1, Hq=2, Hkv=1, L=40, S=40, E=16, Ev=16, dtype=torch.float16, block_size=16)
 
 
-@pytest.mark.parametrize("block_size", [(32, 32), (48, 16), (100, 64)], ids=str)
-def test_small_query_blocks_are_regrouped_into_full_tiles(block_size):
-    """Q blocks below 64 rows (or not a multiple of it) run 128-row tiles through the regrouped
-    mask (query_regroup.py), here a hand-made one with absent, partial and full blocks."""
-    from test_query_regroup import random_block_mask, sliding_or_sink
+@pytest.mark.parametrize("block_size", [(32, 32), (48, 16), (100, 64), (64, 24)], ids=str)
+def test_small_blocks_are_regrouped_into_full_tiles(block_size):
+    """Blocks that are not multiples of 64 run as 128-blocks of the regrouped mask
+    (block_regroup.py), here a hand-made one with absent, partial and full blocks."""
+    from test_block_regroup import random_block_mask, sliding_or_sink
 
     B, H, L, S = 2, 4, 140, 150
     mask = random_block_mask(B, H, L, S, block_size, sliding_or_sink)
@@ -133,8 +133,10 @@ def test_small_query_blocks_are_regrouped_into_full_tiles(block_size):
     out, codes = run_and_get_code(torch.compile(flex_attention, fullgraph=True), q.float(), k.float(), v.float(),
                                   block_mask=mask)
     # The lists are rebuilt by our operator (eager code, nothing generated for it), then the
-    # template runs 128-row blocks.
-    for expected in ("torch.ops.inductor_flex.regroup_query_blocks", "SPARSE_Q_BLOCK_SIZE : tl.constexpr = 128"):
+    # template runs 128-row blocks, and 128-column ones where the KV blocks are not 64-multiples.
+    q_block, kv_block = (128 if size % 64 else size for size in block_size)
+    for expected in ("torch.ops.inductor_flex.regroup_blocks", f"SPARSE_Q_BLOCK_SIZE : tl.constexpr = {q_block}",
+                     f"SPARSE_KV_BLOCK_SIZE : tl.constexpr = {kv_block}"):
         FileCheck().check(expected).run("\n".join(codes))
     gold = flex_attention(q, k, v, block_mask=mask)
     oracle.assert_within("regrouped out", out, gold, flex_attention(q.float(), k.float(), v.float(), block_mask=mask),
