@@ -171,7 +171,12 @@ def build_regrouped_lists(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv
             *_dense_to_ordered(partial.transpose(-2, -1)), *_dense_to_ordered(all_full.transpose(-2, -1)))
 
 
-@torch.library.custom_op("inductor_flex::regroup_blocks", mutates_args=())
+# Inductor keeps CUDA graphs (mode="reduce-overhead") away from an op with this tag: the cache
+# below must neither hold tensors of a graph's private memory pool nor be bypassed by a replay.
+_NOT_IN_CUDA_GRAPHS = tuple(tag for tag in (getattr(torch.Tag, "cudagraph_unsafe", None),) if tag is not None)
+
+
+@torch.library.custom_op("inductor_flex::regroup_blocks", mutates_args=(), tags=_NOT_IN_CUDA_GRAPHS)
 def regrouped_block_lists(
     kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, full_kv_num_blocks: Optional[torch.Tensor],
     full_kv_indices: Optional[torch.Tensor], q_len: int, kv_len: int, fine_rows: int, fine_cols: int,
@@ -189,6 +194,10 @@ def regrouped_block_lists(
     is served from _MaskListsCache instead (nine copies).
     """
     sizes = (q_len, kv_len, fine_rows, fine_cols, rows, cols)
+    if kv_indices.is_cuda and torch.cuda.is_current_stream_capturing():
+        # A CUDA graph captured by hand replays the kernels captured now: they must read the
+        # mask's tensors, not copy the lists cached for whatever mask they held at capture.
+        return build_regrouped_lists(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, *sizes)
     key, refs = _cache.key((kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices), sizes)
     cached = _cache.get(key)
     if cached is not None:

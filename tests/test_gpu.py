@@ -142,3 +142,24 @@ def test_softcap_tanh_form(dtype, fast_math):
         result.backward(grad.to(result.dtype))
     for name, ours, ref, base in zip("qkv", qkv, gold_qkv, eager_qkv):
         oracle.assert_within(f"d{name}", ours.grad, ref.grad, base.grad)
+
+
+def test_regrouped_masks_under_cuda_graphs(monkeypatch):
+    """mode="reduce-overhead": the regrouping operator is kept out of the CUDA graphs (its
+    per-mask cache would hold tensors of their memory pool, and a replay would skip it), so
+    each new mask of the same shape gets its own lists."""
+    monkeypatch.setattr("inductor_flex.block_regroup.MIN_REGROUPED_SCORES_ON_GPU", 0)
+    from inductor_flex import flex_attention
+    from test_block_regroup import random_block_mask, sliding_or_sink
+
+    B, H, L = 2, 16, 1000
+    compiled = torch.compile(flex_attention, mode="reduce-overhead", fullgraph=True)
+    q, k, v = (torch.randn(B, H, L, 64, device="cuda", dtype=torch.float64) for _ in range(3))
+    for _ in range(4):  # warm-up, capture, then replays, each with a new mask
+        mask = random_block_mask(B, H, L, L, (32, 32), sliding_or_sink).to("cuda")
+        out = compiled(*(t.bfloat16() for t in (q, k, v)), block_mask=mask).clone()
+        oracle.assert_within("regrouped under CUDA graphs", out, flex_attention(q, k, v, block_mask=mask),
+                             flex_attention(*(t.bfloat16() for t in (q, k, v)), block_mask=mask))
+    from torch._dynamo.utils import counters
+
+    print("cudagraph skips:", dict(counters["inductor"]).get("cudagraph_skips", 0))
