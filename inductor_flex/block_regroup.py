@@ -39,7 +39,10 @@ MIN_REGROUPED_PROGRAMS_OFF_GPU = 8
 # Regrouping a mask not seen before costs some fifty small eager ops (~1.2 ms of host time on
 # the H200 host, hidden only behind enough GPU work): on a GPU, only for at least this many
 # scores B·H·Lq·Lkv (2^29 at D128: 275 GFLOP, ~0.7 ms of unmasked attention on an H100).
+# Off GPU a stand-in, so the interpreter runs both paths: small calls keep the fine blocks
+# (and the KV tiles' row gathers), as every GPU call below the threshold does.
 MIN_REGROUPED_SCORES_ON_GPU = 1 << 29
+MIN_REGROUPED_SCORES_OFF_GPU = 1 << 15
 
 ABSENT, PARTIAL, FULL = 0, 1, 2
 
@@ -65,9 +68,11 @@ def regrouped_block_size(block_mask: BlockMask, query: torch.Tensor) -> Optional
     if not all(isinstance(size, int) for size in sizes) or query.size(-2) <= DECODE_MAX_QUERY_LEN:
         return None
     batch, heads, q_len = query.shape[:3]
-    if query.device.type != "cpu" and batch * heads * q_len * block_mask.seq_lengths[1] < MIN_REGROUPED_SCORES_ON_GPU:
+    on_gpu = query.device.type != "cpu"
+    min_scores = MIN_REGROUPED_SCORES_ON_GPU if on_gpu else MIN_REGROUPED_SCORES_OFF_GPU
+    if batch * heads * q_len * block_mask.seq_lengths[1] < min_scores:
         return None
-    min_programs = MIN_REGROUPED_PROGRAMS_OFF_GPU if query.device.type == "cpu" else MIN_REGROUPED_PROGRAMS_ON_GPU
+    min_programs = MIN_REGROUPED_PROGRAMS_ON_GPU if on_gpu else MIN_REGROUPED_PROGRAMS_OFF_GPU
     regroup_rows = q_block % 64 != 0 and batch * heads * -(-q_len // REGROUPED_SIZE) >= min_programs
     regroup_cols = kv_block % 64 != 0 and not getattr(block_mask.mask_mod, KV_POSITIONS_ARE_PAGES, False)
     if not (regroup_rows or regroup_cols):

@@ -262,9 +262,9 @@ def test_batch_made_dynamic_by_a_recompile():
                                                 ("alibi", (64, 24))], ids=str)
 def test_small_blocks_regrouped(variant, block_size):
     """Regrouped 128-blocks (block_regroup.py) through the backward, captured-tensor gradients
-    included. B·H·(L/128) reaches the interpreter's regrouping threshold of 8."""
-    from inductor_flex.block_regroup import MIN_REGROUPED_PROGRAMS_OFF_GPU
+    included. B·H·(L/128) and B·H·L·S reach the interpreter's regrouping thresholds."""
+    from inductor_flex.block_regroup import MIN_REGROUPED_PROGRAMS_OFF_GPU, MIN_REGROUPED_SCORES_OFF_GPU
 
     B, Hq, L = 2, 4, 140
-    assert B * Hq * -(-L // 128) >= MIN_REGROUPED_PROGRAMS_OFF_GPU
+    assert B * Hq * -(-L // 128) >= MIN_REGROUPED_PROGRAMS_OFF_GPU and B * Hq * L * L >= MIN_REGROUPED_SCORES_OFF_GPU
     _run(BY_NAME[variant], B=B, Hq=Hq, Hkv=2, L=L, S=L, E=16, Ev=16, block_size=block_size)
