@@ -21,11 +21,11 @@ import torch
 
 from ._compat.dynamo import compiler_stance, disable_cache_limit, is_dynamo_supported, mark_static
 from .block_mask import BlockMask, _sliced_mask_mod_unavailable, full_block_mask
+from .block_regroup import regroup_blocks, regrouped_block_size
 from .compile_check import warn_if_uncompiled
 from .kernel_options import validate_kernel_options
 from .mods import MASK_MOD_ARITY, SCORE_MOD_ARITY, check_mod_arity, identity_score_mod
 from .ops import flex_attention_op
-from .block_regroup import regroup_blocks, regrouped_block_size
 from .reference import working_dtype
 
 
