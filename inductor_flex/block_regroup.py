@@ -221,13 +221,13 @@ def _regrouped_block_lists_shapes(kv_num_blocks, kv_indices, full_kv_num_blocks,
     def new(*shape, dtype=torch.int32):
         return kv_indices.new_empty(*batch_heads, *shape, dtype=dtype)
 
-    kinds = new(fine_rows_listed, fine_cols_listed, dtype=torch.int8)
     def kv_lists():
         return new(coarse_rows), new(coarse_rows, coarse_cols)
 
     def q_lists():
         return new(coarse_cols), new(coarse_cols, coarse_rows)
 
+    kinds = new(fine_rows_listed, fine_cols_listed, dtype=torch.int8)
     return (kinds, *kv_lists(), *kv_lists(), *q_lists(), *q_lists())
 
 
