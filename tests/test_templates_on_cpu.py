@@ -3,22 +3,22 @@
 TRITON_INTERPRET must be set before triton is imported, hence the separate process.
 """
 
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from triton_on_cpu import interpreter_env
 
 HERE = Path(__file__).resolve().parent
 
 
 def test_templates_through_triton_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:logging",
          str(HERE / "test_templates_interpreter.py"), str(HERE / "test_decode_interpreter.py"),
          str(HERE / "test_backward_interpreter.py")],
-        env=env, capture_output=True, text=True, timeout=1500, cwd=HERE.parent,
+        env=interpreter_env(), capture_output=True, text=True, timeout=1500, cwd=HERE.parent,
     )
-    tail = (result.stdout + result.stderr)[-8000:]
+    tail = (result.stderr + result.stdout)[-8000:]
     assert result.returncode == 0, tail
     assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1], tail

@@ -47,6 +47,13 @@ def interpreter_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def interpreter_env() -> dict:
+    """The environment of a subprocess that runs tests in the interpreter. Inductor's report of
+    every autotuning choice is switched off: it filled the tail of output that a failing runner
+    test shows, and hid the failure."""
+    return dict(os.environ, TRITON_INTERPRET="1", TORCHINDUCTOR_MAX_AUTOTUNE_REPORT_CHOICES_STATS="0")
+
+
 class OutOfBoundsAccess(AssertionError):
     """A kernel read or wrote memory outside every tensor it was given."""
 
