@@ -451,13 +451,21 @@ def run_case(structure: Structure, shape: Shape, data_seed: int, compiled=None):
     one_key_rows = bool(((gold_lse == gold_max) | empty_rows).all())
     cancelled_ds = (grad_out.abs() * out.detach().abs()).double().sum(-1).max().item()
     q_or_k = max(inputs["q"].detach().abs().max().item(), inputs["k"].detach().abs().max().item())
+    # A captured tensor's gradient sums dS over the positions reading it. Where those cover whole
+    # rows (a table read at one bucket by every position, a per-head bias), Σ_j dS_ij is exactly
+    # zero in the reference, but a flash-style backward (ours, torch's) gets it as the rounding
+    # difference between Σ P·dP and the Σ dO·O it takes for it: about one unit of the output's
+    # dtype on the cancelled terms per row, summed with random signs over the rows.
+    row_sum_round_off = (max(torch.finfo(out.dtype).eps, torch.finfo(torch.float32).eps) * cancelled_ds
+                         * math.sqrt(B * s.Hq * Lq))
     for name, grad in ours.items():
         assert torch.isfinite(grad).all(), f"{label} d{name}: not finite"
         terms = positions // max(grad.numel(), 1) if name in buffers else summed[name]
         if one_key_rows and name != "v":
             cancelled = cancelled_ds * (q_or_k * max(scale, 1.0) if name in ("q", "k") else 1.0)
             terms *= max(1.0, cancelled / max(1.0, gold_grads[name].abs().max().item())) ** 2
-        oracle.assert_within(f"{label} d{name}", grad, gold_grads[name], base_grads[name], terms_per_element=terms)
+        oracle.assert_within(f"{label} d{name}", grad, gold_grads[name], base_grads[name], terms_per_element=terms,
+                             modelled_round_off=row_sum_round_off if name in buffers else 0.0)
 
 
 def _reference_max(copy, variant, inputs, buffers, fields, scale):

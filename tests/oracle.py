@@ -26,7 +26,8 @@ def max_error(actual, gold):
     return (actual.double() - gold.double()).abs().max().item() if actual.numel() else 0.0
 
 
-def assert_within(name, actual, gold, baseline, factor=2.0, terms_per_element=1, accumulated_terms=0):
+def assert_within(name, actual, gold, baseline, factor=2.0, terms_per_element=1, accumulated_terms=0,
+                  modelled_round_off=0.0):
     """actual's error vs gold is at most ``factor`` × baseline's error (plus round-off floor).
 
     ``terms_per_element``: how many products each element sums (a captured buffer's gradient
@@ -34,6 +35,8 @@ def assert_within(name, actual, gold, baseline, factor=2.0, terms_per_element=1,
     ``accumulated_terms``: how many terms a kernel sums in its float32 (float64) accumulator
     before the one rounding to actual's dtype; adds that accumulator's round-off, which only
     matters when actual is itself float32 (float64).
+    ``modelled_round_off``: an absolute allowance for a round-off source the caller models
+    (and explains), added to the floor.
     """
     assert actual.shape == gold.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(gold.shape)}"
     assert not torch.isnan(actual).any(), f"{name}: NaN"
@@ -52,6 +55,7 @@ def assert_within(name, actual, gold, baseline, factor=2.0, terms_per_element=1,
     accumulator = torch.float64 if actual.dtype == torch.float64 else torch.float32
     floor = ulps * magnitude * (torch.finfo(actual.dtype).eps * math.sqrt(terms_per_element)
                                 + torch.finfo(accumulator).eps * math.sqrt(accumulated_terms))
+    floor += modelled_round_off
     err, base = max_error(actual, gold), max_error(baseline, gold)
     assert err <= factor * base + floor, f"{name}: error {err:.3e} > {factor} × eager error {base:.3e}"
 
