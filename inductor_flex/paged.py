@@ -40,7 +40,7 @@ from collections.abc import Callable
 import torch
 
 from .api import flex_attention
-from .block_mask import DEFAULT_BLOCK_SIZE, BlockMask, _as_device, _ordered_to_dense, noop_mask
+from .block_mask import DEFAULT_BLOCK_SIZE, BlockMask, _as_device, _dense_to_ordered, _ordered_to_dense, noop_mask
 from .block_regroup import KV_POSITIONS_ARE_PAGES
 from .mods import MASK_MOD_ARITY, SCORE_MOD_ARITY, check_mod_arity
 
@@ -54,24 +54,6 @@ def _cdiv(a: int, b: int) -> int:
 def _check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}; pass an int >= 1.")
-
-
-def _compact(listed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block lists of a bool map [..., n]: (count [...] int32, order [..., n] int64).
-
-    ``order`` holds the listed positions first, then the others, each ascending: the layout
-    of ``BlockMask`` index rows. A cumulative sum gives every entry its destination, so this
-    is O(n) and deterministic (no sort).
-    """
-    n = listed.size(-1)
-    as_int = listed.to(torch.int32)
-    count = as_int.sum(-1, dtype=torch.int32)
-    listed_before = torch.cumsum(as_int, dim=-1, dtype=torch.int32) - as_int
-    position = torch.arange(n, device=listed.device, dtype=torch.int32)
-    destination = torch.where(listed, listed_before, count.unsqueeze(-1) + position - listed_before)
-    order = torch.empty(listed.shape, dtype=torch.int64, device=listed.device)
-    order.scatter_(-1, destination.long(), position.long().expand(listed.shape))
-    return count, order
 
 
 class PagedKVCache:
@@ -544,8 +526,8 @@ class PagedKVCache:
         num_physical = self.n_pages + 1
 
         def kv_lists(dense):
-            num, order = _compact(dense)
-            pages = torch.gather(table, -1, order)
+            num, order = _dense_to_ordered(dense)
+            pages = torch.gather(table, -1, order.long())
             pages = torch.where(pages >= 0, pages, self.sink_page)
             # Rows are as wide as there are physical blocks (what consumers of a BlockMask
             # assume); entries past the listed ones hold the sink page, a valid block id.
@@ -557,8 +539,7 @@ class PagedKVCache:
             if rows == 1:  # one row: a page is listed in it or not; no ordering to compute
                 q_num = physical[:, :, 0].to(torch.int32)
                 return q_num, torch.zeros(count, heads, num_physical, 1, dtype=torch.int32, device=self.device)
-            q_num, q_order = _compact(physical.transpose(-1, -2))
-            return q_num, q_order.to(torch.int32)
+            return _dense_to_ordered(physical.transpose(-1, -2))
 
         kv_num, kv_pages = kv_lists(partial)
         lists = [kv_num, kv_pages, None, None]
