@@ -14,8 +14,6 @@ import dataclasses
 import math
 import os
 import random
-import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -27,7 +25,7 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from fuzz_cases import (CPU_PROFILE, GPU_PROFILE, INTERPRETER_PROFILE, FuzzStats, Shape, Structure, fuzz_examples,
                         run_case, run_example)
 from inductor_flex import create_block_mask, flex_attention, noop_mask
-from triton_on_cpu import interpreter_env, interpreter_requested, triton_on_cpu
+from triton_on_cpu import interpreter_requested, run_pytest_in_interpreter, triton_on_cpu
 
 # Hypothesis examples (structures) of the CPU profile, each CPU_PROFILE.cases_per_structure
 # cases, and the seconds they may take: examples past the budget are drawn but not run, so
@@ -110,12 +108,7 @@ def test_fuzz_cpu(request, quiet):
 def test_fuzz_templates_through_triton_interpreter():
     """A few structures through our Triton templates on CPU tensors (Triton's interpreter), in a
     subprocess: TRITON_INTERPRET must be set before triton is imported."""
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-p", "no:logging",
-         str(Path(__file__)), "-k", "in_interpreter"],
-        env=interpreter_env(), capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parent.parent,
-    )
-    output = result.stderr + result.stdout
+    result, output = run_pytest_in_interpreter("-s", str(Path(__file__)), "-k", "in_interpreter", timeout=600)
     print("\n".join(line for line in output.splitlines() if "seed" in line))
     assert result.returncode == 0, output[-8000:]
     assert "5 passed" in result.stdout, output[-8000:]

@@ -7,8 +7,6 @@ same-dtype eager reference sets the error budget (``oracle.assert_within``).
 
 import contextlib
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ import torch
 from torch._inductor.utils import run_and_get_code
 
 from oracle import assert_within
-from triton_on_cpu import interpreter_env, interpreter_requested, triton_on_cpu
+from triton_on_cpu import interpreter_requested, run_pytest_in_interpreter, triton_on_cpu
 
 from inductor_flex import PagedKVCache, create_block_mask, flex_attention, noop_mask
 from inductor_flex.block_mask import _ordered_to_dense, full_block_mask
@@ -401,13 +399,8 @@ def test_compiled_prefill_converts_inside_the_graph():
 def test_paged_attention_through_triton_interpreter():
     """Runs the ``interpreted`` tests below in a TRITON_INTERPRET=1 subprocess (it must be set
     before triton is imported): the real kernels reading pages through the page table."""
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:logging",
-         f"{Path(__file__).resolve()}", "-k", "interpreted"],
-        env=interpreter_env(), capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parent.parent,
-        check=False,
-    )
-    tail = (result.stderr + result.stdout)[-6000:]
+    result, output = run_pytest_in_interpreter(str(Path(__file__).resolve()), "-k", "interpreted", timeout=900)
+    tail = output[-6000:]
     assert result.returncode == 0, tail
     assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1], tail
 

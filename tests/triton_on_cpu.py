@@ -7,6 +7,9 @@ GPU so Triton's compile-time queries have answers. Only for tests: the package n
 
 import contextlib
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -47,11 +50,17 @@ def interpreter_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def interpreter_env() -> dict:
-    """The environment of a subprocess that runs tests in the interpreter. Inductor's report of
-    every autotuning choice is switched off: it filled the tail of output that a failing runner
-    test shows, and hid the failure."""
-    return dict(os.environ, TRITON_INTERPRET="1", TORCHINDUCTOR_MAX_AUTOTUNE_REPORT_CHOICES_STATS="0")
+def run_pytest_in_interpreter(*pytest_args: str, timeout: int) -> tuple[subprocess.CompletedProcess, str]:
+    """Runs pytest on ``pytest_args`` in a subprocess with TRITON_INTERPRET=1; returns the
+    result and its output, pytest's report last (the tail a failing runner test shows).
+    Inductor's report of every autotuning choice is switched off: on stderr after pytest's
+    report, it filled that tail and hid the failure."""
+    env = dict(os.environ, TRITON_INTERPRET="1", TORCHINDUCTOR_MAX_AUTOTUNE_REPORT_CHOICES_STATS="0")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:logging", *pytest_args],
+        env=env, capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).resolve().parent.parent,
+    )
+    return result, result.stderr + result.stdout
 
 
 class OutOfBoundsAccess(AssertionError):
