@@ -77,7 +77,8 @@ def _zero_where_no_gradient_flows(graph_module):
     By the chain rule each term is that gradient times a derivative; IEEE arithmetic makes
     0 × inf a NaN where score_mod produced ±inf (a score set to -inf then scaled by a learnable
     tensor: d(score·w)/dw = score). Each scattered term (``zeros_and_scatter``'s values), each
-    gradient of a tensor read whole, and the score's gradient get ``where(grad == 0, 0, term)``.
+    gradient of a tensor read whole, and the score's gradient get ``where(grad == 0, 0, term)``;
+    a score gradient that is the incoming gradient itself needs no guard.
     """
     graph = graph_module.graph
     aten = torch.ops.aten
@@ -97,7 +98,7 @@ def _zero_where_no_gradient_flows(graph_module):
     outputs = list(output.args[0])
     with graph.inserting_before(output):
         for position, term in enumerate(outputs):
-            if position in (1, 2, 3, 4) or not isinstance(term, torch.fx.Node):
+            if position in (1, 2, 3, 4) or not isinstance(term, torch.fx.Node) or term is grad:
                 continue
             if any(s.op == "call_function" and s.target is scatter for s in gradient_summands(term)):
                 continue  # indexed reads: their scattered values are guarded above

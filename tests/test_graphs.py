@@ -144,12 +144,31 @@ class GraphModule(torch.nn.Module):
             sub: "i32[]" = torch.ops.aten.sub.Tensor(arg4_1, arg3_1);  arg4_1 = arg3_1 = None
             mul_1: "f32[]" = torch.ops.aten.mul.Tensor(arg5_1, sub);  sub = None
             scalar_tensor: "f32[]" = torch.ops.aten.scalar_tensor.default(0.0, dtype = torch.float32, layout = torch.strided, device = device(type='cpu'))
-            where: "f32[]" = torch.ops.aten.where.self(eq, scalar_tensor, mul_1);  scalar_tensor = mul_1 = None
+            where: "f32[]" = torch.ops.aten.where.self(eq, scalar_tensor, mul_1);  eq = scalar_tensor = mul_1 = None
             zeros_and_scatter: "f32[4]" = torch.ops.flex_lib.zeros_and_scatter.default([4], [arg2_1], where);  arg2_1 = where = None
-            scalar_tensor_1: "f32[]" = torch.ops.aten.scalar_tensor.default(0.0, dtype = torch.float32, layout = torch.strided, device = device(type='cpu'))
-            where_1: "f32[]" = torch.ops.aten.where.self(eq, scalar_tensor_1, arg5_1);  eq = scalar_tensor_1 = arg5_1 = None
-            return [where_1, None, None, None, None, zeros_and_scatter]
+            return [arg5_1, None, None, None, None, zeros_and_scatter]
     class inductor_flex_mask1(torch.nn.Module):
         def forward(self, arg0_1: "i32[]", arg1_1: "i32[]", arg2_1: "i32[]", arg3_1: "i32[]"):
             ge: "b8[]" = torch.ops.aten.ge.Tensor(arg2_1, arg3_1);  arg2_1 = arg3_1 = None
             return ge""")
+
+
+def test_mask_graphs_recognised_as_always_true():
+    """The backward skips its ds mask on partial blocks only when the mask_mod is constant True."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from inductor_flex import noop_mask
+    from inductor_flex.lowering.triton_backward import mask_always_true
+
+    index = [torch.zeros((), dtype=torch.int32) for _ in range(4)]
+    cases = {
+        noop_mask: True,
+        (lambda b, h, q_idx, kv_idx: torch.ones((), dtype=torch.bool)): True,
+        (lambda b, h, q_idx, kv_idx: torch.full((), True)): True,
+        (lambda b, h, q_idx, kv_idx: q_idx >= kv_idx): False,
+        (lambda b, h, q_idx, kv_idx: q_idx >= 0): False,
+        (lambda b, h, q_idx, kv_idx: b.new_zeros((), dtype=torch.bool)): False,
+        (lambda b, h, q_idx, kv_idx: torch.full((), False)): False,
+    }
+    for mask_mod, expected in cases.items():
+        assert mask_always_true(make_fx(mask_mod)(*index)) is expected, make_fx(mask_mod)(*index).graph
