@@ -292,6 +292,21 @@ def _finish_captured_grad(flat, shape, dtype, exact):
 # ---------------------------------------------------------------- the lowering
 
 
+def mask_always_true(mask_graph) -> bool:
+    """Whether a mask_mod graph returns a constant True (``noop_mask``, what ``block_mask=None``
+    means): its partial blocks are then full blocks for the purpose of masking gradients."""
+    graph_module = getattr(mask_graph, "graph_module", mask_graph)
+    (result,) = graph_module.graph.find_nodes(op="output")[0].args
+    if result is True:
+        return True
+    if not isinstance(result, torch.fx.Node) or result.op != "call_function":
+        return False
+    aten = torch.ops.aten
+    if result.target in (aten.full.default, aten.new_full.default):
+        return result.args[-1] is True or result.args[-1] == 1
+    return result.target in (aten.ones.default, aten.new_ones.default)
+
+
 def lower_backward_triton(query, key, value, out, lse, grad_out, grad_lse, score_graph, joint_graph,
                           block_mask, scale, kernel_options, score_mod_buffers, mask_mod_buffers, plan):
     """IR ``(grad_query, grad_key, grad_value, buffer_grads)`` from the fused backward template;
@@ -371,6 +386,8 @@ def lower_backward_triton(query, key, value, out, lse, grad_out, grad_lse, score
         "V_HEAD_DIM_ROUNDED": v_rounded,
         "GQA_SHARED_HEADS": q_heads // kv_heads,
         "HAS_FULL_BLOCKS": has_full_blocks,
+        "HAS_CAPTURED_GRADS": bool(plan.terms),
+        "MASK_ALWAYS_TRUE": mask_always_true(mask_graph),
         "SM_SCALE": scale,
         "PRESCALE_QK": options.get("PRESCALE_QK", False),
         "ROWS_GUARANTEED_SAFE": options.get("ROWS_GUARANTEED_SAFE", False),
