@@ -91,13 +91,17 @@ def logical_reference(query, keys, values, *, score_mod=None, mask_mod=None, q_b
 def check_against_logical(name, out, query, keys, values, rows=None, **mods):
     """``out`` [B, Hq, Lq, D] vs the float64 logical reference, within 2x the same-dtype error.
 
-    ``rows[b]``: how many query rows of sequence b to compare (padded prefill batches).
+    ``rows[b]``: how many query rows of sequence b to compare (padded prefill batches). Each
+    output sums its sequence's keys in a float32 accumulator, in another order than the logical
+    reference (page by page): that round-off is allowed for, as in the oracle's checks (a CPU
+    run drew 1.1e-6 against an eager error of 2.3e-7 over 305 keys in float32).
     """
     gold = logical_reference(query, keys, values, dtype=torch.float64, **mods)
     same_dtype = logical_reference(query, keys, values, **mods)
     for b in range(query.size(0)):
         n = query.size(2) if rows is None else rows[b]
-        assert_within(f"{name} sequence {b}", out[b:b + 1, :, :n], gold[b][:, :, :n], same_dtype[b][:, :, :n])
+        assert_within(f"{name} sequence {b}", out[b:b + 1, :, :n], gold[b][:, :, :n], same_dtype[b][:, :, :n],
+                      accumulated_terms=keys[b].size(2))
 
 
 def alibi_decode_mods(cache, Hq, device):
