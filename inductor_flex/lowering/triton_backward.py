@@ -73,6 +73,7 @@ from .triton_forward import (
 PER_TILE, PER_ROW, PER_COLUMN, PER_POSITION, ONE_TO_ONE = 0, 1, 2, 3, 4
 _GRID_PLACEHOLDERS = ("b", "h", "m", "n")  # placeholders 1..4 of the joint graph
 HIGH_UNIT, LOW_UNIT = 2.0 ** -20, 2.0 ** -52  # the fixed-point units of add_values (EXACT)
+LOG2E = 1.4426950408889634
 
 
 @dataclass(frozen=True)
@@ -231,6 +232,20 @@ def _zeros(size, dtype, device):
     return node
 
 
+def _base2_lse(lse):
+    """The forward's LSE (natural log) in base 2, and 0 for rows that attend nothing (-inf): the
+    template's p = exp2(score·log2(e) − lse2) is then 0 in those rows, not NaN. Done once per
+    row here rather than once per tile in the kernel's loops."""
+    load = lse.make_loader()
+
+    def base2(index):
+        value = ops.to_dtype(load(index), torch.float32)
+        empty = ops.eq(value, ops.constant(float("-inf"), torch.float32))
+        return ops.where(empty, ops.constant(0.0, torch.float32), ops.mul(value, ops.constant(LOG2E, torch.float32)))
+
+    return ir.Pointwise.create(device=lse.get_device(), dtype=torch.float32, inner_fn=base2, ranges=lse.get_size())
+
+
 def _row_delta(out, grad_out, grad_lse):
     """DELTA = rowsum(dO * O) - grad_lse in float32: the softmax backward's row term."""
     batch, heads, q_len, v_dim = out.get_size()
@@ -331,7 +346,7 @@ def lower_backward_triton(query, key, value, out, lse, grad_out, grad_lse, score
     if grad_out is None:  # only the lse was differentiated
         grad_out = _zeros([batch, q_heads, q_len, v_dim], query.get_dtype(), device)
     delta = _row_delta(out, grad_out, grad_lse)
-    query, key, value, lse, delta, grad_out = realize([query, key, value, lse, delta, grad_out])
+    query, key, value, lse2, delta, grad_out = realize([query, key, value, _base2_lse(lse), delta, grad_out])
     sparse = realize([kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
                       q_num_blocks, q_indices, full_q_num_blocks, full_q_indices])
     kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, q_num_blocks, q_indices, \
@@ -406,7 +421,7 @@ def lower_backward_triton(query, key, value, out, lse, grad_out, grad_lse, score
     captured = [b for b in (*score_mod_buffers, *mask_mod_buffers) if isinstance(b, ir.IRNode)]
     configs = backward_configs(device, query.get_dtype(), qk_rounded, v_rounded,
                                autotune=bool(inductor_config.max_autotune), mods_read_tensors=bool(captured))
-    inputs = [query, key, value, lse, delta, grad_out, grad_query, grad_value_full,
+    inputs = [query, key, value, lse2, delta, grad_out, grad_query, grad_value_full,
               kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
               q_num_blocks, q_indices, full_q_num_blocks, full_q_indices, *grad_buffers]
     choices, errors = [], []
