@@ -457,9 +457,13 @@ def run_case(structure: Structure, shape: Shape, data_seed: int, compiled=None):
     # difference between Σ P·dP and the Σ dO·O it takes for it: O rounded to its dtype and
     # accumulated over Lkv keys in float32, each term's round-off of random sign, per row; the
     # rows' errors add with random signs too.
-    row_terms = (grad_out.double() * out.detach().double()).norm(dim=-1).max().item() if out.numel() else 0.0
-    row_sum_round_off = (row_terms * math.sqrt(B * s.Hq * Lq)
-                         * (torch.finfo(out.dtype).eps + torch.finfo(torch.float32).eps * math.sqrt(Lkv)))
+    # A row's error reaches an element of the buffer weighted by how much the row reads it:
+    # W_row = d lse_row / d element (1 for a whole row reading one bucket, up to |kv_idx - q_idx|
+    # for alibi slopes, which makes long query rows dominate), so the element's error is about
+    # sqrt(Σ_rows (|dO·O|_row W_row)²) units of round-off.
+    row_terms = (grad_out.double() * out.detach().double()).norm(dim=-1)
+    round_off_unit = torch.finfo(out.dtype).eps + torch.finfo(torch.float32).eps * math.sqrt(Lkv)
+    sensitivity = _row_sensitivity(variant, inputs, buffers, fields, scale, row_terms, data_seed)
     # The backward rebuilds P = exp(s - lse) from the forward's float32 lse (ours, torch's),
     # where the reference keeps its softmax: the exponent carries about two float32 units of
     # |lse| (the stored lse, its log2 form, the product with the score), a relative error of P
@@ -474,9 +478,38 @@ def run_case(structure: Structure, shape: Shape, data_seed: int, compiled=None):
         if one_key_rows and name != "v":
             cancelled = cancelled_ds * (q_or_k * max(scale, 1.0) if name in ("q", "k") else 1.0)
             terms *= max(1.0, cancelled / max(1.0, gold_magnitude)) ** 2
-        modelled = lse_round_off * gold_magnitude + (row_sum_round_off if name in buffers else 0.0)
+        modelled = lse_round_off * gold_magnitude + round_off_unit * sensitivity.get(name, 0.0)
         oracle.assert_within(f"{label} d{name}", grad, gold_grads[name], base_grads[name], terms_per_element=terms,
                              modelled_round_off=modelled)
+
+
+def _row_sensitivity(variant, inputs, buffers, fields, scale, row_weights, data_seed, samples=8):
+    """For each captured buffer with a gradient: sqrt(Σ_rows (weight_row · W_row)²) at its largest
+    element, W_row = d lse_row / d element, in float64. With random signs c_row (Rademacher), the
+    gradient of Σ c_row · weight_row · lse_row is Σ c_row · weight_row · W_row, whose mean square
+    over c is that sum of squares; ``samples`` draws estimate it to within about
+    sqrt(2 / samples), hence the factor 2."""
+    learnable = {n: t for n, t in buffers.items() if t.requires_grad}
+    if not learnable:
+        return {}
+    tensors = {n: t.detach().double() for n, t in inputs.items()}
+    captured = {n: t.detach().double().requires_grad_(n in learnable) for n, t in buffers.items()}
+    score_mod, mask_mod = variant.build(captured)
+    _, lse, _ = attention_reference(tensors["q"], tensors["k"], tensors["v"],
+                                    score_mod or (lambda score, b, h, q_idx, kv_idx: score),
+                                    fields[:-1] + (mask_mod or fields[-1],), scale)
+    lse = torch.where(torch.isfinite(lse), lse, 0.0)
+    signs = torch.Generator().manual_seed(data_seed)
+    mean_square = {n: 0.0 for n in learnable}
+    for i in range(samples):
+        c = torch.randint(0, 2, lse.shape, generator=signs).double().mul_(2).sub_(1).to(lse.device) * row_weights
+        grads = torch.autograd.grad((lse * c).sum(), [captured[n] for n in learnable], retain_graph=i + 1 < samples,
+                                    allow_unused=True)
+        for n, g in zip(learnable, grads):
+            if g is not None:
+                mean_square[n] = mean_square[n] + g.pow(2) / samples
+    return {n: 2.0 * (m.max().sqrt().item() if torch.is_tensor(m) and m.numel() else 0.0)
+            for n, m in mean_square.items()}
 
 
 def _reference_max(copy, variant, inputs, buffers, fields, scale):

@@ -235,6 +235,41 @@ def test_modelled_round_off_gpu(quiet, case):
         run_case(dataclasses.replace(structure, device="cuda"), shape, data_seed=data_seed)
 
 
+# Found by the GPU fuzz (H200, 2026-12-02): float32 alibi slopes over long query rows and 3 keys.
+# A slope's gradient weights each row's dS by kv_idx - q_idx (up to 255 here), so the per-row
+# round-off of Σ dO·O against Σ P·dP reaches it amplified by the row's distance; the check now
+# weights each row by d lse / d slope (4.3e-3 and 3.7e-3 against eager errors of 8.6e-4 and
+# 7.7e-4). A flash-style float32 backward emulated on the CPU with exact exp shows the same:
+# 3x the eager error at the median, 16x at worst, over 40 seeds.
+LONG_ROW_CASES = {
+    "alibi_twice_gqa": (
+        _structure(Hq=3, Hkv=1, score=("alibi", "alibi"), grads_for_captures=(True, True), block_size=128,
+                   mask_per_head=True, enable_gqa=True, scale=0.2933033247915877, aux="lse_max"),
+        Shape(3, 127, 3), (1181,)),
+    "alibi_head_scale_global_local": (
+        _structure(E=64, mask=("and", ("global_local",)), score=("alibi", "head_scale"),
+                   grads_for_captures=(True, True), block_size=16, use_block_mask=True, mask_per_head=True,
+                   enable_gqa=True, scale=0.18877054808190208, aux="none", captures_in_graph=True),
+        Shape(3, 256, 3), (105170263,)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LONG_ROW_CASES))
+def test_long_rows_weighting_captured_gradients_cpu(quiet, case):
+    structure, shape, data_seeds = LONG_ROW_CASES[case]
+    for data_seed in data_seeds:
+        run_case(structure, shape, data_seed=data_seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", sorted(LONG_ROW_CASES))
+def test_long_rows_weighting_captured_gradients_gpu(quiet, case):
+    structure, shape, data_seeds = LONG_ROW_CASES[case]
+    for data_seed in data_seeds:
+        run_case(dataclasses.replace(structure, device="cuda"), shape, data_seed=data_seed)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cpu_scalar_captured_with_cuda_inputs(quiet):
