@@ -196,6 +196,15 @@ def test_one_key_gradients_gpu(quiet, structure, shape):
     run_case(dataclasses.replace(structure, device="cuda"), shape, data_seed=0)
 
 
+def _replay(pinned, device=None):
+    """Run a pinned case, (structure, shape, data seeds), on its own device or on ``device``."""
+    structure, shape, data_seeds = pinned
+    if device is not None:
+        structure = dataclasses.replace(structure, device=device)
+    for data_seed in data_seeds:
+        run_case(structure, shape, data_seed=data_seed)
+
+
 # Found by fuzzing (backward template, Triton's interpreter): round-off of a flash-style
 # backward that the float32 reference does not have, which the check now models.
 ROUND_OFF_CASES = {
@@ -220,19 +229,15 @@ ROUND_OFF_CASES = {
 @pytest.mark.skipif(not interpreter_requested(), reason="run by test_fuzz_templates_through_triton_interpreter")
 @pytest.mark.parametrize("case", sorted(ROUND_OFF_CASES))
 def test_modelled_round_off_in_interpreter(quiet, case):
-    structure, shape, data_seeds = ROUND_OFF_CASES[case]
     with triton_on_cpu():
-        for data_seed in data_seeds:
-            run_case(structure, shape, data_seed=data_seed)
+        _replay(ROUND_OFF_CASES[case])
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("case", sorted(ROUND_OFF_CASES))
 def test_modelled_round_off_gpu(quiet, case):
-    structure, shape, data_seeds = ROUND_OFF_CASES[case]
-    for data_seed in data_seeds:
-        run_case(dataclasses.replace(structure, device="cuda"), shape, data_seed=data_seed)
+    _replay(ROUND_OFF_CASES[case], device="cuda")
 
 
 # Found by the GPU fuzz (H200, 2026-12-02): float32 alibi slopes over long query rows and 3 keys.
@@ -256,18 +261,14 @@ LONG_ROW_CASES = {
 
 @pytest.mark.parametrize("case", sorted(LONG_ROW_CASES))
 def test_long_rows_weighting_captured_gradients_cpu(quiet, case):
-    structure, shape, data_seeds = LONG_ROW_CASES[case]
-    for data_seed in data_seeds:
-        run_case(structure, shape, data_seed=data_seed)
+    _replay(LONG_ROW_CASES[case])
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("case", sorted(LONG_ROW_CASES))
 def test_long_rows_weighting_captured_gradients_gpu(quiet, case):
-    structure, shape, data_seeds = LONG_ROW_CASES[case]
-    for data_seed in data_seeds:
-        run_case(dataclasses.replace(structure, device="cuda"), shape, data_seed=data_seed)
+    _replay(LONG_ROW_CASES[case], device="cuda")
 
 
 @pytest.mark.gpu
