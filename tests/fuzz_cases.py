@@ -462,7 +462,7 @@ def run_case(structure: Structure, shape: Shape, data_seed: int, compiled=None):
     # for alibi slopes, which makes long query rows dominate), so the element's error is about
     # sqrt(Σ_rows (|dO·O|_row W_row)²) units of round-off.
     row_terms = (grad_out.double() * out.detach().double()).norm(dim=-1)
-    round_off_unit = torch.finfo(out.dtype).eps + torch.finfo(torch.float32).eps * math.sqrt(Lkv)
+    round_off_unit = _sum_round_off_unit(out.dtype, Lkv)
     sensitivity = _row_sensitivity(variant, inputs, buffers, fields, scale, row_terms, data_seed)
     # The backward rebuilds P = exp(s - lse) from the forward's float32 lse (ours, torch's),
     # where the reference keeps its softmax: the exponent carries about two float32 units of
@@ -478,8 +478,7 @@ def run_case(structure: Structure, shape: Shape, data_seed: int, compiled=None):
     one_key_allowance = {}
     single = (gold_lse == gold_max) & torch.isfinite(gold_lse)
     if single.any() and not one_key_rows:
-        per_row = (row_terms[single].max().item() * q_or_k * scale
-                   * (torch.finfo(out.dtype).eps + torch.finfo(torch.float32).eps * math.sqrt(s.Ev)))
+        per_row = row_terms[single].max().item() * q_or_k * scale * _sum_round_off_unit(out.dtype, s.Ev)
         sharing = single.reshape(B, s.Hkv, s.Hq // s.Hkv, Lq).sum((2, 3))
         sharing = sharing.sum(0) if kv_batch == 1 else sharing
         one_key_allowance = {"q": per_row, "k": per_row * math.sqrt(sharing.max().item())}
@@ -495,6 +494,12 @@ def run_case(structure: Structure, shape: Shape, data_seed: int, compiled=None):
                     + one_key_allowance.get(name, 0.0))
         oracle.assert_within(f"{label} d{name}", grad, gold_grads[name], base_grads[name], terms_per_element=terms,
                              modelled_round_off=modelled)
+
+
+def _sum_round_off_unit(dtype, terms):
+    """Relative round-off of a row term taken from O: O's rounding to ``dtype`` and a float32 sum
+    of ``terms`` products with random-sign errors."""
+    return torch.finfo(dtype).eps + torch.finfo(torch.float32).eps * math.sqrt(terms)
 
 
 def _row_sensitivity(variant, inputs, buffers, fields, scale, row_weights, data_seed, samples=8):
