@@ -25,21 +25,9 @@ def template_only():
         yield
 
 
-# Gradients of captured tensors are refused by the template in fp16/bf16 (see
-# lowering/backward.py): these cases run the decomposition.
-# Every catalogue variant with a learnable captured tensor.
-ROW_SUMMED = tuple(v.name for v in CATALOGUE if v.learnable)
-
-
-def _allow_refusal(variant_name, dtype):
-    if variant_name in ROW_SUMMED and dtype in (torch.float16, torch.bfloat16):
-        warnings.filterwarnings("ignore", message="inductor_flex: the fused backward kernel cannot run")
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("variant", CATALOGUE, ids=lambda v: v.name)
 def test_catalogue_forward_backward(variant, dtype):
-    _allow_refusal(variant.name, dtype)
     oracle.run_variant(variant, mode="inductor", device="cuda", dtype=dtype,
                        B=2, Hq=4, Hkv=2, L=300, S=300, E=64, Ev=64, block_size=128)
 
@@ -47,7 +35,6 @@ def test_catalogue_forward_backward(variant, dtype):
 @pytest.mark.parametrize("E", [16, 64, 80, 128, 192, 256], ids=lambda d: f"D{d}")
 @pytest.mark.parametrize("variant", ["causal", "alibi", "document", "relative_position", "softcap"])
 def test_head_dims(variant, E):
-    _allow_refusal(variant, torch.bfloat16)
     oracle.run_variant(BY_NAME[variant], mode="inductor", device="cuda", dtype=torch.bfloat16,
                        B=1, Hq=4, Hkv=2, L=333, S=333, E=E, Ev=E, block_size=128)
 
@@ -78,14 +65,12 @@ def test_every_backward_candidate_config_alone(dtype, E, variant):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_captured_tensors_computed_in_the_graph_get_gradients(dtype):
-    _allow_refusal("alibi", dtype)
     oracle.check_captures_computed_in_the_graph("cuda", dtype, L=300, S=300, E=64)
 
 
 @pytest.mark.parametrize("E,Ev", [(128, 64), (64, 128), (96, 192), (8, 8)], ids=str)
-@pytest.mark.parametrize("variant", ["alibi", "causal"])  # decomposition / template in fp16
+@pytest.mark.parametrize("variant", ["alibi", "causal"])  # with / without a captured gradient
 def test_qk_and_v_dims_differ(variant, E, Ev):
-    _allow_refusal(variant, torch.float16)
     oracle.run_variant(BY_NAME[variant], mode="inductor", device="cuda", dtype=torch.float16,
                        B=1, Hq=4, Hkv=1, L=200, S=333, E=E, Ev=Ev, block_size=64)
 
@@ -113,9 +98,7 @@ def _grads(variant_name, options, seed=0):
         buffers[name].requires_grad_(True)
     score_mod, mask_mod = variant.build(buffers)
     mask = create_block_mask(mask_mod, B, H, L, L, device="cuda") if mask_mod else None
-    # float32 where bf16 would be refused (ROW_SUMMED): the atomics are what is tested here.
-    dtype = torch.float32 if variant_name in ROW_SUMMED else torch.bfloat16
-    q, k, v = (torch.randn(B, H, L, E, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(B, H, L, E, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     compiled = torch.compile(flex_attention, fullgraph=True)
     out = compiled(q, k, v, score_mod=score_mod, block_mask=mask, kernel_options=options)
     tensors = [q, k, v, *(buffers[n] for n in variant.learnable)]

@@ -8,7 +8,6 @@ On a device for which Inductor generates C++ (the CPU) the decomposition is the 
 fallback, and nothing is warned.
 """
 
-import torch
 
 from ..kernel_options import options_for
 from .forward import explain_decomposition, template_refusals
@@ -31,13 +30,6 @@ def backward_refusals(query, value, block_mask, joint_graph, score_mod_buffers):
 
         plan, plan_reasons = plan_captured_grads(_graph_module(joint_graph), score_mod_buffers)
         reasons += plan_reasons
-        if plan is not None and query.get_dtype() in (torch.float16, torch.bfloat16) and plan.terms:
-            # Captured-tensor gradients are sums of ds, where the true sum nearly cancels; the
-            # kernel's DELTA comes from the rounded fp16/bf16 output, so each row leaves a
-            # rounding residue. Measured on the H100: 3x to 10^4x the eager error for row sums
-            # (slopes[h], bias[b, h]) and 1.2x the allowed error for a [B, H, L, S] bias at D=192.
-            reasons.append("gradients of captured tensors are not accurate enough in "
-                           f"{query.get_dtype()} from the fused backward (DELTA from the rounded output)")
     return reasons, plan
 
 

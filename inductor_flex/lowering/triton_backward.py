@@ -17,6 +17,11 @@ summed over the tile first when the index does not depend on the key and/or quer
 ``slopes[h]`` costs one atomic per tile, not one per position; with plain stores where the index
 is one-to-one (``bias[b, h, q_idx, kv_idx]``).
 
+Such a gradient sums ds over whole rows, where Σ ds nearly cancels; DELTA = rowsum(dO · O) is
+that cancelling term only up to the rounding of O, which in fp16/bf16 is far above the eager
+error (3× to 10⁴× on the H100). There (``ROW_DELTA_FROM_TILES``) each dQ program first streams
+its KV tiles once to sum p · dp itself, and takes grad_lse as rowsum(dO · O) − DELTA (ROW_DOT).
+
 Determinism (kernel option ``DETERMINISTIC``): dQ, dK and dV never use atomics (each is owned by
 one program; GQA heads are summed inside the dK/dV program), so only the captured-tensor
 gradients could vary run to run, through the order of floating-point atomic adds. With
@@ -192,11 +197,19 @@ def _modification_call(number, output_name):
     )
 
 
+# With ROW_DELTA_FROM_TILES the dQ programs also read rowsum(dO * O) (ROW_DOT), to separate
+# grad_lse from DELTA.
+_ROW_DOT_LOAD = ('load_row_stats(ROW_DOT + off_z * {{stride("ROW_DOT", 0)}} + off_h * {{stride("ROW_DOT", 1)}}, '
+                 'ROW_DOT + off_z * {{stride("ROW_DOT", 0)}} + off_h * {{stride("ROW_DOT", 1)}}, '
+                 'offs_m, {{stride("ROW_DOT", 2)}}, {{stride("ROW_DOT", 2)}}, row_ok, CHECK_ROWS)[0]')
+
+
 @functools.cache
-def backward_template(grad_buffers: int, terms: tuple) -> TritonTemplate:
+def backward_template(grad_buffers: int, terms: tuple, row_dot: bool = False) -> TritonTemplate:
     """The template for ``grad_buffers`` captured-gradient buffers and these (buffer slot, kind,
-    numel, exact) terms; one TritonTemplate per distinct source (names must be unique)."""
-    names = "".join(f', "GRAD{g}"' for g in range(grad_buffers))
+    numel, exact) terms, and the ROW_DOT input if ``row_dot``; one TritonTemplate per distinct
+    source (names must be unique)."""
+    names = "".join(f', "GRAD{g}"' for g in range(grad_buffers)) + (', "ROW_DOT"' if row_dot else "")
     params = "".join(f", GRAD{g}" for g in range(grad_buffers))
     args = "".join(f", GRAD{g}=GRAD{g}" for g in range(grad_buffers))
     lines = []
@@ -208,7 +221,8 @@ def backward_template(grad_buffers: int, terms: tuple) -> TritonTemplate:
     body = "\n".join(lines)
     raw = (template_source("backward", "common")
            .replace("__GRAD_NAMES__", names).replace("__GRAD_PARAMS__", params)
-           .replace("__GRAD_ARGS__", args).replace("__CAPTURED_GRADS__\n", body + "\n" if body else ""))
+           .replace("__GRAD_ARGS__", args).replace("__CAPTURED_GRADS__\n", body + "\n" if body else "")
+           .replace("__ROW_DOT__", _ROW_DOT_LOAD if row_dot else "delta"))
     # The generated term code brings its own hook-argument placeholder.
     source = raw.replace("__INDEX_DTYPES__", _INDEX_DTYPES if MODIFICATION_TAKES_INPUT_DTYPES else "")
     digest = hashlib.sha256(source.encode()).hexdigest()[:12]
@@ -346,6 +360,10 @@ def lower_backward_triton(query, key, value, out, lse, grad_out, grad_lse, score
     if grad_out is None:  # only the lse was differentiated
         grad_out = _zeros([batch, q_heads, q_len, v_dim], query.get_dtype(), device)
     delta = _row_delta(out, grad_out, grad_lse)
+    # Captured-tensor gradients sum ds over whole rows: in fp16/bf16 the rounding of O leaves
+    # DELTA off by far more than the eager error, so dQ programs rebuild it from their tiles.
+    row_delta_from_tiles = bool(plan.terms) and query.get_dtype() in (torch.float16, torch.bfloat16)
+    row_dot = realize([_row_delta(out, grad_out, None)])[0] if row_delta_from_tiles else None
     query, key, value, lse2, delta, grad_out = realize([query, key, value, _base2_lse(lse), delta, grad_out])
     sparse = realize([kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
                       q_num_blocks, q_indices, full_q_num_blocks, full_q_indices])
@@ -389,7 +407,7 @@ def lower_backward_triton(query, key, value, out, lse, grad_out, grad_lse, score
             grad_buffers.append(flat)
         slot, _, numel, exact = slots[term.buffer]
         term_keys.append((slot, term.kind, numel, exact))
-    template = backward_template(len(grad_buffers), tuple(term_keys))
+    template = backward_template(len(grad_buffers), tuple(term_keys), row_delta_from_tiles)
 
     qk_rounded, v_rounded = _round_head_dim(qk_dim), _round_head_dim(v_dim)
     shared = {
@@ -402,6 +420,7 @@ def lower_backward_triton(query, key, value, out, lse, grad_out, grad_lse, score
         "GQA_SHARED_HEADS": q_heads // kv_heads,
         "HAS_FULL_BLOCKS": has_full_blocks,
         "HAS_CAPTURED_GRADS": bool(plan.terms),
+        "ROW_DELTA_FROM_TILES": row_delta_from_tiles,
         "MASK_ALWAYS_TRUE": mask_always_true(mask_graph),
         "SM_SCALE": scale,
         "PRESCALE_QK": options.get("PRESCALE_QK", False),
@@ -423,7 +442,8 @@ def lower_backward_triton(query, key, value, out, lse, grad_out, grad_lse, score
                                autotune=bool(inductor_config.max_autotune), mods_read_tensors=bool(captured))
     inputs = [query, key, value, lse2, delta, grad_out, grad_query, grad_value_full,
               kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
-              q_num_blocks, q_indices, full_q_num_blocks, full_q_indices, *grad_buffers]
+              q_num_blocks, q_indices, full_q_num_blocks, full_q_indices, *grad_buffers,
+              *([row_dot] if row_delta_from_tiles else [])]
     choices, errors = [], []
     for config in configs:
         block_m1 = options.get("BLOCK_M1") or fit_tile(sparse_q, config.block_m1, q_span)
