@@ -250,12 +250,12 @@ CPU_PROFILE = Profile("cpu", (torch.float32, torch.bfloat16, torch.float16), max
 GPU_PROFILE = Profile("cuda", (torch.float32, torch.float16, torch.bfloat16), max_len=512,
                       shapes_per_structure=3, cases_per_structure=40)
 # Our Triton templates on CPU tensors, run by Triton's interpreter: short sequences (it is
-# slow); float32 only (its numpy emulation of bfloat16 is not faithful, and half-precision
-# captured-tensor gradients take the decomposition, whose Triton calls libdevice.exp, absent
-# there as is tanh); no 0-d captured tensor (Inductor passes a 0-d CPU tensor to a Triton
-# kernel as a Python scalar, which a GPU run never sees).
+# slow); float32 and float16 (its numpy emulation of bfloat16 is not faithful; float16 covers
+# the half-precision paths, such as the row pass of captured-tensor gradients: 200 cases passed
+# on 2026-12-02); no softcap (tanh is absent there); no 0-d captured tensor (Inductor passes a
+# 0-d CPU tensor to a Triton kernel as a Python scalar, which a GPU run never sees).
 INTERPRETER_PROFILE = Profile(
-    "cpu", (torch.float32,), max_len=48, shapes_per_structure=1, cases_per_structure=1,
+    "cpu", (torch.float32, torch.float16), max_len=48, shapes_per_structure=1, cases_per_structure=1,
     score_pieces=tuple(name for name in SCORE_PIECES if name not in ("softcap", "scalar_weight")))
 
 HEAD_DIMS = (4, 8, 16, 24, 32, 64, 80)
