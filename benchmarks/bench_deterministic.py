@@ -2,11 +2,13 @@
 captured tensors (ALiBi slopes, read per head; a relative-position table, read per key offset),
 default atomics against the deterministic fixed-point sums, same process, same inputs.
 
-float32: in bf16/fp16 the fused backward refuses gradients of captured tensors (see
-docs/architecture.md), so float32 is where the deterministic option changes the kernel.
-Prints a markdown table; also checks that the deterministic gradients are bit-identical
-across two runs. Usage: python benchmarks/bench_deterministic.py
+float32 by default (with TF32 matmuls), the dtype of the earlier measurements; ``--dtype
+bfloat16`` runs the half-precision path (its dQ programs' row pass included). Prints a markdown
+table; also checks that the deterministic gradients are bit-identical across two runs.
+Usage: python benchmarks/bench_deterministic.py [--dtype float32|bfloat16]
 """
+
+import argparse
 
 import torch
 from triton.testing import do_bench
@@ -35,15 +37,15 @@ def make_case(name, device):
     return {"alibi slopes": (alibi, slopes), "relative-position table": (relative_position, table)}[name]
 
 
-def main(device="cuda"):
+def main(device="cuda", dtype=torch.float32):
     device = torch.device(device)
     torch.backends.cuda.matmul.allow_tf32 = True
     mask = inductor_flex.create_block_mask(causal, None, None, S, S, device=device)
     rows = []
     for name in ("alibi slopes", "relative-position table"):
         score_mod, captured = make_case(name, device)
-        q, k, v = (torch.randn(B, H, S, D, device=device, requires_grad=True) for _ in range(3))
-        grad_out = torch.randn(B, H, S, D, device=device)
+        q, k, v = (torch.randn(B, H, S, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        grad_out = torch.randn(B, H, S, D, device=device, dtype=dtype)
         times, grads = {}, {}
         for label, options in (("default", None), ("deterministic", {"DETERMINISTIC": True})):
             print(f"{name}: {label} ...", flush=True)
@@ -62,7 +64,8 @@ def main(device="cuda"):
         rows.append((name, times["default"], times["deterministic"], identical))
         print(f"{name}: default {times['default']:.2f} ms, deterministic {times['deterministic']:.2f} ms, "
               f"bit-identical {identical}", flush=True)
-    print(f"## DETERMINISTIC cost ({torch.cuda.get_device_name() if device.type == 'cuda' else device}, torch {torch.__version__}, float32 with TF32 matmuls, "
+    print(f"## DETERMINISTIC cost ({torch.cuda.get_device_name() if device.type == 'cuda' else device}, torch {torch.__version__}, "
+          f"{'float32 with TF32 matmuls' if dtype == torch.float32 else str(dtype)[6:]}, "
           f"B{B} H{H} S{S} D{D} causal)\n")
     print("| captured gradient | default ms | deterministic ms | cost | bit-identical runs |")
     print("|---|---|---|---|---|")
@@ -71,4 +74,6 @@ def main(device="cuda"):
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    main(dtype=getattr(torch, parser.parse_args().dtype))
