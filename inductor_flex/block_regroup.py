@@ -55,26 +55,29 @@ def regrouped_block_size(block_mask: BlockMask, query: torch.Tensor) -> Optional
 
     A direction is regrouped when its blocks are not a multiple of 64 (the smallest full-speed
     tile); the Q direction only while enough programs remain to fill the GPU. Nothing is
-    regrouped for dynamic shapes, for queries the decode kernel takes (it does not tile by Q
-    block), off the Triton templates, or (on a GPU) for too little work to hide the rebuilding.
+    regrouped for queries the decode kernel takes (it does not tile by Q block), off the Triton
+    templates, or (on a GPU) for too little work to hide the rebuilding.
+
+    Under dynamic shapes the size tests become guards (Dynamo answers ``isinstance(size, int)``
+    with True for a symbolic size), so a call crossing a threshold recompiles; they are
+    consulted only once the block sizes call for regrouping, so masks of full-speed blocks
+    (the usual 128) add no guard.
     """
     # Imported here: the lowering package pulls in Inductor, which `import inductor_flex` must not.
     from .lowering.forward import DECODE_MAX_QUERY_LEN, runs_triton
 
-    if not runs_triton(query.device):
-        return None
     q_block, kv_block = block_mask.BLOCK_SIZE
-    sizes = (*query.shape, *block_mask.kv_indices.shape, *block_mask.BLOCK_SIZE, *block_mask.seq_lengths)
-    if not all(isinstance(size, int) for size in sizes) or query.size(-2) <= DECODE_MAX_QUERY_LEN:
+    small_rows, small_cols = q_block % 64 != 0, kv_block % 64 != 0
+    regroup_cols = small_cols and not getattr(block_mask.mask_mod, KV_POSITIONS_ARE_PAGES, False)
+    if not (small_rows or regroup_cols) or not runs_triton(query.device):
         return None
     batch, heads, q_len = query.shape[:3]
     on_gpu = query.device.type != "cpu"
     min_scores = MIN_REGROUPED_SCORES_ON_GPU if on_gpu else MIN_REGROUPED_SCORES_OFF_GPU
-    if batch * heads * q_len * block_mask.seq_lengths[1] < min_scores:
+    if q_len <= DECODE_MAX_QUERY_LEN or batch * heads * q_len * block_mask.seq_lengths[1] < min_scores:
         return None
     min_programs = MIN_REGROUPED_PROGRAMS_ON_GPU if on_gpu else MIN_REGROUPED_PROGRAMS_OFF_GPU
-    regroup_rows = q_block % 64 != 0 and batch * heads * -(-q_len // REGROUPED_SIZE) >= min_programs
-    regroup_cols = kv_block % 64 != 0 and not getattr(block_mask.mask_mod, KV_POSITIONS_ARE_PAGES, False)
+    regroup_rows = small_rows and batch * heads * -(-q_len // REGROUPED_SIZE) >= min_programs
     if not (regroup_rows or regroup_cols):
         return None
     return (REGROUPED_SIZE if regroup_rows else q_block, REGROUPED_SIZE if regroup_cols else kv_block)

@@ -114,6 +114,31 @@ def test_when_it_applies():
     assert regrouped_block_size(cpu_mask, torch.empty(2, 16, 300, 64)) is None  # C++ backend: no tiles
 
 
+def test_full_speed_blocks_add_no_size_guard():
+    """Dynamo answers isinstance(size, int) with True for a symbolic size, so under dynamic
+    shapes the thresholds become guards: consulted only for blocks that call for regrouping,
+    a mask of 128-blocks compiles once for any length, while one of 32-blocks recompiles when
+    a call crosses the work threshold."""
+    from torch._dynamo.testing import CompileCounter
+
+    def compiles(block_size):
+        torch._dynamo.reset()
+        mask = create_block_mask(lambda b, h, q, kv: q >= kv, None, None, 4096, 4096, device="meta",
+                                 BLOCK_SIZE=block_size)
+        counter = CompileCounter()
+
+        @torch.compile(backend=counter, dynamic=True, fullgraph=True)
+        def regrouped(q):
+            return q + (0 if regrouped_block_size(mask, q) is None else 1)
+
+        for L in (4096, 64):  # 2^29 scores, then 2^25
+            regrouped(torch.empty(2, 16, L, 64, device="meta"))
+        return counter.frame_count
+
+    assert compiles(128) == 1
+    assert compiles(32) == 2
+
+
 def test_pages_are_not_regrouped():
     """A paged cache's physical mask keeps its pages as KV blocks (its neighbours belong to other
     sequences); its Q blocks are still regrouped."""
