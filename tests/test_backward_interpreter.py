@@ -245,6 +245,20 @@ def test_row_delta_pass_only_for_low_precision_captured_gradients():
         FileCheck().check(f"ROW_DELTA_FROM_TILES : tl.constexpr = {expected}").run("\n".join(code))
 
 
+def test_captured_gradients_in_float16_under_dynamic_shapes():
+    """The row pass with symbolic lengths and batches, blocks of 16 regrouped: one compile
+    serves every size (batches and block counts kept apart from the head counts, which duck
+    sizing would otherwise pin with them; the regrouped 128-tiles are also what keeps this
+    affordable in the interpreter: unregrouped 16-tiles took four times as long)."""
+    from test_dynamic_shapes import ALIBI_DOCUMENTS, _sweep
+
+    def call(compiled, B, L):
+        oracle.check_call(compiled, ALIBI_DOCUMENTS, B=B, Hq=4, Hkv=2, L=L, S=L, E=16, dtype=torch.float16,
+                          device="cpu", block_size=16)
+
+    _sweep([(3, 90), (5, 100), (3, 85)], call)
+
+
 def test_minus_inf_scores_scaled_by_a_learnable_tensor():
     """The backward template with the joint graph's zero-gradient guard: -inf from score_mod
     times a learnable per-head weight gives finite gradients, equal to a -1e30 stand-in's."""

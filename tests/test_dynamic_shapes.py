@@ -212,13 +212,10 @@ GPU_SIZES = [(5, 1100), (3, 700), (2, 1970), (4, 333), (3, 1280), (6, 415), (2, 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_lengths_and_batches_without_recompiles_gpu(dtype):
-    """The fused forward and backward templates under dynamic shapes (float32: the slopes'
-    gradient comes from the fused backward too)."""
-    variant = ALIBI_DOCUMENTS if dtype == torch.float32 else Variant(
-        "alibi_documents_fixed_slopes", _alibi_documents, _alibi_documents_buffers)
-
+    """The fused forward and backward templates under dynamic shapes, the slopes' gradient
+    included (in bf16 through the dQ programs' row pass)."""
     def call(compiled, B, L):
-        oracle.check_call(compiled, variant, B=B, Hq=8, Hkv=2, L=L, S=L, E=64, dtype=dtype, device="cuda",
+        oracle.check_call(compiled, ALIBI_DOCUMENTS, B=B, Hq=8, Hkv=2, L=L, S=L, E=64, dtype=dtype, device="cuda",
                        block_size=128)
 
     _sweep(GPU_SIZES, call)
