@@ -8,7 +8,6 @@ On a device for which Inductor generates C++ (the CPU) the decomposition is the 
 fallback, and nothing is warned.
 """
 
-
 from ..kernel_options import options_for
 from .forward import explain_decomposition, template_refusals
 
