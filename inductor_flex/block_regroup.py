@@ -30,6 +30,8 @@ from .block_mask import BlockMask, _dense_to_ordered, _ordered_to_dense
 
 # Rows/columns of a regrouped block: the forward's tile (128, or 64 twice).
 REGROUPED_SIZE = 128
+# Sparse blocks that are a multiple of this many positions run at full tile speed as they are.
+FULL_SPEED_MULTIPLE = 64
 
 # Regrouping the Q direction divides the programs of the grid: it only runs when the regrouped
 # grid still fills about one wave of SMs (H100/H200: 132). Off GPU (Triton's interpreter) the
@@ -67,7 +69,7 @@ def regrouped_block_size(block_mask: BlockMask, query: torch.Tensor) -> Optional
     from .lowering.forward import DECODE_MAX_QUERY_LEN, runs_triton
 
     q_block, kv_block = block_mask.BLOCK_SIZE
-    small_rows, small_cols = q_block % 64 != 0, kv_block % 64 != 0
+    small_rows, small_cols = q_block % FULL_SPEED_MULTIPLE != 0, kv_block % FULL_SPEED_MULTIPLE != 0
     regroup_cols = small_cols and not getattr(block_mask.mask_mod, KV_POSITIONS_ARE_PAGES, False)
     if not (small_rows or regroup_cols) or not runs_triton(query.device):
         return None

@@ -81,6 +81,14 @@ def test_any_block_size(block_size):
                        B=1, Hq=2, Hkv=1, L=1000, S=1000, E=64, Ev=64, block_size=block_size)
 
 
+@pytest.mark.parametrize("variant", ["causal", "alibi", "sliding_window", "learnable_bias", "softcap"])
+def test_blocks_of_64_at_head_dim_128(variant):
+    """64-blocks shrink the default 128-wide tiles; at D128 they run with fewer pipeline stages
+    (configs.backward_launch), a launch no other case of the tier takes in bf16."""
+    oracle.run_variant(BY_NAME[variant], mode="inductor", device="cuda", dtype=torch.bfloat16,
+                       B=2, Hq=4, Hkv=2, L=1000, S=1000, E=128, Ev=128, block_size=64)
+
+
 @pytest.mark.parametrize("L", [1, 17, 1000, 4096], ids=lambda s: f"S{s}")
 def test_lengths(L):
     oracle.run_variant(BY_NAME["prefix_lm"], mode="inductor", device="cuda", dtype=torch.bfloat16,

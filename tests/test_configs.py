@@ -68,3 +68,23 @@ def test_low_precision_configs_keep_their_warps(monkeypatch):
     monkeypatch.setattr(configs, "architecture", lambda device: "sm90")
     _, chosen = _backward(torch.bfloat16, 256, autotune=False, mods_read_tensors=False)
     assert chosen == [configs._DEFAULT_BACKWARD[("sm90", 256, True)]]
+
+
+@pytest.mark.parametrize("head_dim, tile, expected", [
+    (128, 128, (8, 3)),  # the config's own tiles: its own warps and stages
+    (128, 64, (4, 2)),   # shrunk to 64-blocks at D128: half the warps, two stages (measured faster)
+    (64, 64, (4, 3)),    # shrunk at D64: three stages stay (measured faster there)
+    (96, 64, (4, 2)),    # head dims of the D128 bucket follow D128
+])
+def test_backward_launch_for_shrunk_tiles(monkeypatch, head_dim, tile, expected):
+    monkeypatch.setattr(configs, "architecture", lambda device: "sm90")
+    rounded, (config, *_) = _backward(torch.bfloat16, head_dim, autotune=False, mods_read_tensors=False)
+    assert (config.block_m2, config.block_n1, config.num_stages) == (128, 128, 3)
+    launch = configs.backward_launch(config, tile, tile, torch.device("cuda"), torch.bfloat16, rounded, rounded)
+    assert launch == expected
+
+
+def test_backward_launch_keeps_float32_stages(monkeypatch):
+    monkeypatch.setattr(configs, "architecture", lambda device: "sm90")
+    config = configs.BackwardConfig(32, 64, 64, 32, 8, 2)
+    assert configs.backward_launch(config, 32, 32, torch.device("cuda"), torch.float32, 128, 128) == (4, 2)

@@ -56,7 +56,7 @@ from .._compat.inductor import (
 )
 from ..kernel_options import options_for
 from ..mods import gradient_summands
-from .configs import backward_configs, fit_tile
+from .configs import backward_configs, backward_launch, fit_tile
 from .decomposed import _expected_buffer_grads, kv_batch_broadcast
 from .triton_forward import (
     _INDEX_DTYPES,
@@ -465,7 +465,8 @@ def lower_backward_triton(query, key, value, out, lse, grad_out, grad_lse, score
             Q_TILE_FITS_BLOCK1=q1["FITS"], KV_TILE_FITS_BLOCK1=kv1["FITS"],
             CHECK_ROWS1=q1["CHECK"], CHECK_COLS1=kv1["CHECK"],
         )
-        scale_warps = min(block_m2 / config.block_m2, block_n1 / config.block_n1)
+        num_warps, num_stages = backward_launch(config, block_m2, block_n1, device, query.get_dtype(),
+                                                qk_rounded, v_rounded)
         error = template.maybe_append_choice(
             choices=choices,
             input_nodes=inputs,
@@ -473,8 +474,8 @@ def lower_backward_triton(query, key, value, out, lse, grad_out, grad_lse, score
             subgraphs=[score_ir, mask_ir, *joint_ir],
             mutated_inputs=[grad_query, grad_value_full, *grad_buffers],
             call_sizes=[batch, q_len, kv_heads, kv_len],
-            num_warps=options.get("num_warps", max(4, int(config.num_warps * scale_warps))),
-            num_stages=options.get("num_stages", config.num_stages),
+            num_warps=options.get("num_warps", num_warps),
+            num_stages=options.get("num_stages", num_stages),
             **meta,
         )
         if error is not None:
