@@ -20,7 +20,8 @@ is one-to-one (``bias[b, h, q_idx, kv_idx]``).
 Such a gradient sums ds over whole rows, where Σ ds nearly cancels; DELTA = rowsum(dO · O) is
 that cancelling term only up to the rounding of O, which in fp16/bf16 is far above the eager
 error (3× to 10⁴× on the H100). There (``ROW_DELTA_FROM_TILES``) each dQ program first streams
-its KV tiles once to sum p · dp itself, and takes grad_lse as rowsum(dO · O) − DELTA (ROW_DOT).
+its KV tiles once to sum p · dp itself, less the LSE's incoming gradient (GRAD_LSE, when the LSE
+was differentiated).
 
 Determinism (kernel option ``DETERMINISTIC``): dQ, dK and dV never use atomics (each is owned by
 one program; GQA heads are summed inside the dK/dV program), so only the captured-tensor
@@ -197,19 +198,19 @@ def _modification_call(number, output_name):
     )
 
 
-# With ROW_DELTA_FROM_TILES the dQ programs also read rowsum(dO * O) (ROW_DOT), to separate
-# grad_lse from DELTA.
-_ROW_DOT_LOAD = ('load_row_stats(ROW_DOT + off_z * {{stride("ROW_DOT", 0)}} + off_h * {{stride("ROW_DOT", 1)}}, '
-                 'ROW_DOT + off_z * {{stride("ROW_DOT", 0)}} + off_h * {{stride("ROW_DOT", 1)}}, '
-                 'offs_m, {{stride("ROW_DOT", 2)}}, {{stride("ROW_DOT", 2)}}, row_ok, CHECK_ROWS)[0]')
+# With ROW_DELTA_FROM_TILES the dQ programs rebuild DELTA from their tiles, less the LSE's
+# incoming gradient: the GRAD_LSE input where the LSE was differentiated, else nothing.
+_GRAD_LSE_LOAD = ('load_row_stats(GRAD_LSE + off_z * {{stride("GRAD_LSE", 0)}} + off_h * {{stride("GRAD_LSE", 1)}}, '
+                  'GRAD_LSE + off_z * {{stride("GRAD_LSE", 0)}} + off_h * {{stride("GRAD_LSE", 1)}}, '
+                  'offs_m, {{stride("GRAD_LSE", 2)}}, {{stride("GRAD_LSE", 2)}}, row_ok, CHECK_ROWS)[0]')
 
 
 @functools.cache
-def backward_template(grad_buffers: int, terms: tuple, row_dot: bool = False) -> TritonTemplate:
+def backward_template(grad_buffers: int, terms: tuple, grad_lse: bool = False) -> TritonTemplate:
     """The template for ``grad_buffers`` captured-gradient buffers and these (buffer slot, kind,
-    numel, exact) terms, and the ROW_DOT input if ``row_dot``; one TritonTemplate per distinct
+    numel, exact) terms, and the GRAD_LSE input if ``grad_lse``; one TritonTemplate per distinct
     source (names must be unique)."""
-    names = "".join(f', "GRAD{g}"' for g in range(grad_buffers)) + (', "ROW_DOT"' if row_dot else "")
+    names = "".join(f', "GRAD{g}"' for g in range(grad_buffers)) + (', "GRAD_LSE"' if grad_lse else "")
     params = "".join(f", GRAD{g}" for g in range(grad_buffers))
     args = "".join(f", GRAD{g}=GRAD{g}" for g in range(grad_buffers))
     lines = []
@@ -222,7 +223,7 @@ def backward_template(grad_buffers: int, terms: tuple, row_dot: bool = False) ->
     raw = (template_source("backward", "common")
            .replace("__GRAD_NAMES__", names).replace("__GRAD_PARAMS__", params)
            .replace("__GRAD_ARGS__", args).replace("__CAPTURED_GRADS__\n", body + "\n" if body else "")
-           .replace("__ROW_DOT__", _ROW_DOT_LOAD if row_dot else "delta"))
+           .replace("__GRAD_LSE__", _GRAD_LSE_LOAD if grad_lse else "0.0"))
     # The generated term code brings its own hook-argument placeholder.
     source = raw.replace("__INDEX_DTYPES__", _INDEX_DTYPES if MODIFICATION_TAKES_INPUT_DTYPES else "")
     digest = hashlib.sha256(source.encode()).hexdigest()[:12]
@@ -280,6 +281,13 @@ def _row_delta(out, grad_out, grad_lse):
             inner_fn=lambda index: ops.sub(delta_load(index), ops.to_dtype(lse_load(index), torch.float32)),
             ranges=[batch, heads, q_len])
     return delta
+
+
+def _as_float32(node):
+    load = node.make_loader()
+    return ir.Pointwise.create(device=node.get_device(), dtype=torch.float32,
+                               inner_fn=lambda index: ops.to_dtype(load(index), torch.float32),
+                               ranges=node.get_size())
 
 
 def _sum_over_batch(node, dtype):
@@ -363,7 +371,9 @@ def lower_backward_triton(query, key, value, out, lse, grad_out, grad_lse, score
     # Captured-tensor gradients sum ds over whole rows: in fp16/bf16 the rounding of O leaves
     # DELTA off by far more than the eager error, so dQ programs rebuild it from their tiles.
     row_delta_from_tiles = bool(plan.terms) and query.get_dtype() in (torch.float16, torch.bfloat16)
-    row_dot = realize([_row_delta(out, grad_out, None)])[0] if row_delta_from_tiles else None
+    grad_lse_input = None
+    if row_delta_from_tiles and grad_lse is not None:
+        grad_lse_input = realize([_as_float32(grad_lse)])[0]
     query, key, value, lse2, delta, grad_out = realize([query, key, value, _base2_lse(lse), delta, grad_out])
     sparse = realize([kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
                       q_num_blocks, q_indices, full_q_num_blocks, full_q_indices])
@@ -407,7 +417,7 @@ def lower_backward_triton(query, key, value, out, lse, grad_out, grad_lse, score
             grad_buffers.append(flat)
         slot, _, numel, exact = slots[term.buffer]
         term_keys.append((slot, term.kind, numel, exact))
-    template = backward_template(len(grad_buffers), tuple(term_keys), row_delta_from_tiles)
+    template = backward_template(len(grad_buffers), tuple(term_keys), grad_lse_input is not None)
 
     qk_rounded, v_rounded = _round_head_dim(qk_dim), _round_head_dim(v_dim)
     shared = {
@@ -443,7 +453,7 @@ def lower_backward_triton(query, key, value, out, lse, grad_out, grad_lse, score
     inputs = [query, key, value, lse2, delta, grad_out, grad_query, grad_value_full,
               kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
               q_num_blocks, q_indices, full_q_num_blocks, full_q_indices, *grad_buffers,
-              *([row_dot] if row_delta_from_tiles else [])]
+              *([grad_lse_input] if grad_lse_input is not None else [])]
     choices, errors = [], []
     for config in configs:
         block_m1 = options.get("BLOCK_M1") or fit_tile(sparse_q, config.block_m1, q_span)
