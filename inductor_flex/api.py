@@ -189,12 +189,20 @@ def _validate_block_mask(block_mask, query, key):
         )
 
 
-def _validate_return_aux(return_aux):
-    if return_aux is not None and not isinstance(return_aux, AuxRequest):
-        raise TypeError(
-            f"return_aux must be an AuxRequest or None, got {type(return_aux).__name__}; "
-            "pass e.g. return_aux=AuxRequest(lse=True)"
-        )
+def _validate_return_aux(return_aux) -> AuxRequest | None:
+    """``return_aux`` as our AuxRequest: torch's own AuxRequest is taken too, so code that still
+    imports it from torch keeps working after switching flex_attention's import."""
+    if return_aux is None or isinstance(return_aux, AuxRequest):
+        return return_aux
+    import torch.nn.attention.flex_attention as torch_flex  # public; imported only when needed
+
+    torch_request = getattr(torch_flex, "AuxRequest", None)
+    if torch_request is not None and isinstance(return_aux, torch_request):
+        return AuxRequest(lse=bool(return_aux.lse), max_scores=bool(return_aux.max_scores))
+    raise TypeError(
+        f"return_aux must be an AuxRequest or None, got {type(return_aux).__module__}."
+        f"{type(return_aux).__qualname__}; pass e.g. return_aux=AuxRequest(lse=True)"
+    )
 
 
 def _is_empty(query, key, value) -> bool:
@@ -286,7 +294,7 @@ def flex_attention(
             "pass e.g. kernel_options={'BLOCK_M': 64}"
         )
     validate_kernel_options(kernel_options or {})
-    _validate_return_aux(return_aux)
+    return_aux = _validate_return_aux(return_aux)
     options = dict(kernel_options or {})
     if block_mask is None:
         block_mask = full_block_mask(query.size(-2), key.size(-2), device=query.device)

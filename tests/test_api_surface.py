@@ -63,3 +63,18 @@ def test_block_mask_method_signature(method):
 
 def test_kernel_options_type_lists_torch_keys():
     assert set(torch_flex.FlexKernelOptions.__annotations__) <= set(inductor_flex.FlexKernelOptions.__annotations__)
+
+
+def test_torch_aux_request_is_taken():
+    """Code that switches flex_attention's import but still builds torch's AuxRequest."""
+    import torch
+
+    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
+    _, theirs = torch_flex.flex_attention(q, k, v, return_aux=torch_flex.AuxRequest(lse=True))
+    for call in (inductor_flex.flex_attention, torch.compile(inductor_flex.flex_attention, fullgraph=True)):
+        out, aux = call(q, k, v, return_aux=torch_flex.AuxRequest(lse=True))
+        assert out.shape == q.shape and aux.max_scores is None
+        torch.testing.assert_close(aux.lse, theirs.lse)
+    _, aux = inductor_flex.flex_attention(q, k, v, return_aux=torch_flex.AuxRequest(max_scores=True))
+    assert aux.lse is None
+    torch.testing.assert_close(aux.max_scores, (q @ k.transpose(-1, -2) / 4.0).amax(-1))  # torch's CPU lacks it
