@@ -129,6 +129,22 @@ def _validate_scale(scale, head_dim):
     return scale
 
 
+def _from_torch_block_mask(block_mask):
+    """torch's BlockMask as ours (the same fields, the same meaning), so that a mask built with
+    torch's create_block_mask keeps working after switching flex_attention's import; anything
+    else is returned as it is."""
+    import torch.nn.attention.flex_attention as torch_flex  # public; imported only when needed
+
+    if isinstance(block_mask, BlockMask) or not isinstance(block_mask, torch_flex.BlockMask):
+        return block_mask
+    return BlockMask(
+        block_mask.seq_lengths, block_mask.kv_num_blocks, block_mask.kv_indices,
+        block_mask.full_kv_num_blocks, block_mask.full_kv_indices, block_mask.q_num_blocks,
+        block_mask.q_indices, block_mask.full_q_num_blocks, block_mask.full_q_indices,
+        BLOCK_SIZE=block_mask.BLOCK_SIZE, mask_mod=block_mask.mask_mod,
+    )
+
+
 def _validate_block_mask(block_mask, query, key):
     if not isinstance(block_mask, BlockMask):
         raise TypeError(
@@ -300,6 +316,7 @@ def flex_attention(
         block_mask = full_block_mask(query.size(-2), key.size(-2), device=query.device)
         # We built it: every row lists blocks 0, 1, 2, ... so kernels need not load the list.
         options.setdefault("BLOCKS_ARE_CONTIGUOUS", True)
+    block_mask = _from_torch_block_mask(block_mask)
     _validate_block_mask(block_mask, query, key)
     check_mod_arity(block_mask.mask_mod, MASK_MOD_ARITY, "mask_mod")
     scale = _validate_scale(scale, query.size(-1))

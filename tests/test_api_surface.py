@@ -78,3 +78,18 @@ def test_torch_aux_request_is_taken():
     _, aux = inductor_flex.flex_attention(q, k, v, return_aux=torch_flex.AuxRequest(max_scores=True))
     assert aux.lse is None
     torch.testing.assert_close(aux.max_scores, (q @ k.transpose(-1, -2) / 4.0).amax(-1))  # torch's CPU lacks it
+
+
+def test_torch_block_mask_is_taken():
+    """A mask built with torch's create_block_mask, passed to our flex_attention."""
+    import torch
+
+    def sliding(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < 24)
+
+    q, k, v = (torch.randn(1, 2, 100, 16) for _ in range(3))
+    theirs = torch_flex.create_block_mask(sliding, None, None, 100, 100, device="cpu", BLOCK_SIZE=32)
+    ours = inductor_flex.create_block_mask(sliding, None, None, 100, 100, device="cpu", BLOCK_SIZE=32)
+    expected = inductor_flex.flex_attention(q, k, v, block_mask=ours)
+    for call in (inductor_flex.flex_attention, torch.compile(inductor_flex.flex_attention, fullgraph=True)):
+        torch.testing.assert_close(call(q, k, v, block_mask=theirs), expected)
