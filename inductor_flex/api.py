@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 
 from ._compat.dynamo import compiler_stance, disable_cache_limit, is_dynamo_supported, mark_static
-from .block_mask import BlockMask, _sliced_mask_mod_unavailable, full_block_mask
+from .block_mask import BlockMask, _sliced_mask_mod_unavailable, full_block_mask, q_direction_lists
 from .block_regroup import regroup_blocks, regrouped_block_size
 from .compile_check import warn_if_uncompiled
 from .kernel_options import validate_kernel_options
@@ -145,6 +145,20 @@ def _from_torch_block_mask(block_mask):
     )
 
 
+def _with_q_blocks(block_mask: BlockMask) -> BlockMask:
+    """``block_mask`` with its Q-direction lists, derived from the KV ones where it has none
+    (``from_kv_blocks(..., compute_q_blocks=False)``): the backward walks them."""
+    if block_mask.q_indices is not None:
+        return block_mask
+    return BlockMask(
+        block_mask.seq_lengths, block_mask.kv_num_blocks, block_mask.kv_indices,
+        block_mask.full_kv_num_blocks, block_mask.full_kv_indices,
+        *q_direction_lists(block_mask.kv_num_blocks, block_mask.kv_indices,
+                           block_mask.full_kv_num_blocks, block_mask.full_kv_indices),
+        BLOCK_SIZE=block_mask.BLOCK_SIZE, mask_mod=block_mask.mask_mod,
+    )
+
+
 def _validate_block_mask(block_mask, query, key):
     if not isinstance(block_mask, BlockMask):
         raise TypeError(
@@ -185,13 +199,8 @@ def _validate_block_mask(block_mask, query, key):
             f"block_mask is on {block_mask.kv_num_blocks.device} but query is on {query.device}; "
             f"use block_mask.to({str(query.device)!r})"
         )
-    if block_mask.q_indices is None:
-        raise ValueError(
-            "block_mask has no Q-direction block lists (q_indices); build it with "
-            "BlockMask.from_kv_blocks(..., compute_q_blocks=True) or create_block_mask"
-        )
     q_block, kv_block = block_mask.BLOCK_SIZE
-    rows, cols = block_mask.kv_num_blocks.size(-1), block_mask.q_indices.size(-2)
+    rows, cols = block_mask.kv_num_blocks.size(-1), block_mask.kv_indices.size(-1)
     if rows * q_block < q_len or cols * kv_block < kv_len:
         raise ValueError(
             f"block_mask's lists cover {rows}x{cols} blocks of {q_block}x{kv_block}, fewer than its "
@@ -318,6 +327,7 @@ def flex_attention(
         options.setdefault("BLOCKS_ARE_CONTIGUOUS", True)
     block_mask = _from_torch_block_mask(block_mask)
     _validate_block_mask(block_mask, query, key)
+    block_mask = _with_q_blocks(block_mask)
     check_mod_arity(block_mask.mask_mod, MASK_MOD_ARITY, "mask_mod")
     scale = _validate_scale(scale, query.size(-1))
     if return_lse and return_aux is not None:

@@ -592,3 +592,26 @@ def test_torch_keywords_are_accepted_and_as_tuple_unflattened():
     again = BlockMask.from_kv_blocks(mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks,
                                      mask.full_kv_indices, BLOCK_SIZE=32, dq_kv_order=order)
     assert torch.equal(again.to_dense(), mask.to_dense())
+
+
+def test_mask_without_q_lists_runs_forward_and_backward():
+    """from_kv_blocks(compute_q_blocks=False) (torch runs its forward): flex_attention derives
+    the Q-direction lists, so the backward gets them too, eager and compiled."""
+    from inductor_flex import flex_attention
+
+    def sliding(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < 40)
+
+    mask = create_block_mask(sliding, 1, 2, 100, 100, "cpu", BLOCK_SIZE=32)
+    kv_only = BlockMask.from_kv_blocks(mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks,
+                                       mask.full_kv_indices, BLOCK_SIZE=32, mask_mod=sliding,
+                                       seq_lengths=(100, 100), compute_q_blocks=False)
+    assert kv_only.q_indices is None
+    q, k, v = (torch.randn(1, 2, 100, 16, requires_grad=True) for _ in range(3))
+    expected_out = flex_attention(q, k, v, block_mask=mask)
+    expected = torch.autograd.grad(expected_out.sum(), (q, k, v))
+    for call in (flex_attention, torch.compile(flex_attention, fullgraph=True)):
+        out = call(q, k, v, block_mask=kv_only)
+        torch.testing.assert_close(out, expected_out)
+        for got, want in zip(torch.autograd.grad(out.sum(), (q, k, v)), expected):
+            torch.testing.assert_close(got, want)

@@ -308,8 +308,6 @@ BAD_INPUTS = [
     Bad("block-mask-not-4d", lambda f: f(*_qkv(), block_mask=BlockMask.from_kv_blocks(
         torch.ones(1, 2, dtype=torch.int32), torch.zeros(1, 2, 2, dtype=torch.int32), BLOCK_SIZE=16)),
         ValueError, "give BlockMask.from_kv_blocks 4-D kv_indices"),
-    Bad("block-mask-no-q-lists", lambda f: f(*_qkv(), block_mask=BlockMask.from_kv_blocks(
-        *_lists(), BLOCK_SIZE=16, compute_q_blocks=False)), ValueError, "compute_q_blocks=True"),
     Bad("block-mask-too-few-blocks", lambda f: f(*_qkv(L=64, S=64), block_mask=BlockMask.from_kv_blocks(
         *_lists(1, 1), BLOCK_SIZE=16, seq_lengths=(64, 64))), ValueError, "one row per query block"),
     Bad("block-mask-sliced", lambda f: f(*_qkv(B=1), block_mask=_mask(B=2)[torch.tensor([0])]), ValueError,
