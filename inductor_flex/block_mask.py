@@ -577,30 +577,41 @@ class BlockMask:
         return _reindexed_mask_mod(self.mask_mod, *maps)
 
     def _adjust(self, new_q_len: int, new_kv_len: int) -> BlockMask:
-        """The mask cropped to its upper-left [new_q_len, new_kv_len] corner.
+        """The mask cropped to its upper-left [new_q_len, new_kv_len] corner, or grown inside
+        the blocks it has.
 
         Blocks cut by the new edge keep their classification: a full block stays full (its
-        remaining positions are all allowed); a partial one stays partial (conservative).
+        remaining positions are all allowed); a partial one stays partial (conservative). A
+        length grown inside a ragged block adds positions that no classification saw: full
+        blocks reaching past the old length become partial, so mask_mod decides there.
         """
         q_block, kv_block = self.BLOCK_SIZE
         num_rows, num_cols = self.kv_indices.shape[-2:]
         new_rows, new_cols = -(-new_q_len // q_block), -(-new_kv_len // kv_block)
         if new_rows > num_rows or new_cols > num_cols:
             raise ValueError(
-                f"_adjust can only crop: the mask covers {num_rows}×{num_cols} blocks of "
+                f"_adjust cannot add blocks: the mask covers {num_rows}×{num_cols} blocks of "
                 f"{self.BLOCK_SIZE}, too few for lengths ({new_q_len}, {new_kv_len}); build a "
                 "new mask with create_block_mask for the longer sequences."
             )
 
         def crop(num_blocks, indices):
             if num_blocks is None:
-                return None, None
-            dense = _ordered_to_dense(num_blocks, indices, num_cols)
-            return _dense_to_ordered(dense[..., :new_rows, :new_cols])
+                return None
+            return _ordered_to_dense(num_blocks, indices, num_cols)[..., :new_rows, :new_cols]
 
+        partial = crop(self.kv_num_blocks, self.kv_indices)
+        full = crop(self.full_kv_num_blocks, self.full_kv_indices)
+        old_q_len, old_kv_len = self.seq_lengths
+        if full is not None and (new_q_len > old_q_len or new_kv_len > old_kv_len):
+            block_ends = torch.arange(1, max(new_rows, new_cols) + 1, device=full.device)
+            rows_past = (block_ends[:new_rows] * q_block > old_q_len) & (new_q_len > old_q_len)
+            cols_past = (block_ends[:new_cols] * kv_block > old_kv_len) & (new_kv_len > old_kv_len)
+            unseen = rows_past[:, None] | cols_past[None, :]
+            partial, full = partial | (full & unseen), full & ~unseen
         return BlockMask.from_kv_blocks(
-            *crop(self.kv_num_blocks, self.kv_indices),
-            *crop(self.full_kv_num_blocks, self.full_kv_indices),
+            *_dense_to_ordered(partial),
+            *(_dense_to_ordered(full) if full is not None else (None, None)),
             BLOCK_SIZE=self.BLOCK_SIZE,
             mask_mod=self.mask_mod,
             seq_lengths=(new_q_len, new_kv_len),

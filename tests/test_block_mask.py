@@ -400,7 +400,7 @@ def test_adjust_crops_to_the_upper_left_corner(block_size):
     ragged = create_block_mask(causal, 1, 1, 300, 300, "cpu", BLOCK_SIZE=64)._adjust(100, 130)
     assert ragged.kv_indices.shape == (1, 1, 2, 3)
     assert ragged.to_dense().tolist() == [[[[1, 0, 0], [1, 1, 0]]]]
-    with pytest.raises(ValueError, match="only crop"):
+    with pytest.raises(ValueError, match="cannot add blocks"):
         ragged._adjust(300, 300)
 
 
@@ -615,3 +615,23 @@ def test_mask_without_q_lists_runs_forward_and_backward():
         torch.testing.assert_close(out, expected_out)
         for got, want in zip(torch.autograd.grad(out.sum(), (q, k, v)), expected):
             torch.testing.assert_close(got, want)
+
+
+def test_adjust_to_a_longer_length_inside_the_same_blocks():
+    """Growing 100 -> 112 rows inside the last 16-block: that block was full (rows 96-99 all
+    allowed) and must now let mask_mod decide rows 100-111, which it masks."""
+    from inductor_flex import flex_attention
+
+    def first_rows(b, h, q_idx, kv_idx):
+        return q_idx < 100
+
+    mask = create_block_mask(first_rows, 1, 1, 100, 64, "cpu", BLOCK_SIZE=16)
+    assert int(mask.full_kv_num_blocks[0, 0, 6]) == 4  # the ragged row is full before growing
+    grown = mask._adjust(112, 64)
+    assert int(grown.full_kv_num_blocks[0, 0, 6]) == 0 and int(grown.kv_num_blocks[0, 0, 6]) == 4
+    assert torch.equal(grown.full_kv_num_blocks[0, 0, :6], mask.full_kv_num_blocks[0, 0, :6])
+    q, k, v = (torch.randn(1, 1, n, 16) for n in (112, 64, 64))
+    for call in (flex_attention, torch.compile(flex_attention, fullgraph=True)):
+        out = call(q, k, v, block_mask=grown)
+        assert torch.equal(out[:, :, 100:], torch.zeros_like(out[:, :, 100:]))
+        torch.testing.assert_close(out[:, :, :100], flex_attention(q[:, :, :100], k, v, block_mask=mask))
