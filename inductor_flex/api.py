@@ -200,7 +200,9 @@ def _validate_block_mask(block_mask, query, key):
             f"use block_mask.to({str(query.device)!r})"
         )
     q_block, kv_block = block_mask.BLOCK_SIZE
-    rows, cols = block_mask.kv_num_blocks.size(-1), block_mask.kv_indices.size(-1)
+    # Columns from q_indices where it exists (see above); a mask without Q lists gets them later.
+    rows = block_mask.kv_num_blocks.size(-1)
+    cols = block_mask.q_indices.size(-2) if block_mask.q_indices is not None else block_mask.kv_indices.size(-1)
     if rows * q_block < q_len or cols * kv_block < kv_len:
         raise ValueError(
             f"block_mask's lists cover {rows}x{cols} blocks of {q_block}x{kv_block}, fewer than its "
