@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 
 from ._compat.dynamo import compiler_stance, disable_cache_limit, is_dynamo_supported, mark_static
-from .block_mask import BlockMask, _sliced_mask_mod_unavailable, full_block_mask, q_direction_lists
+from .block_mask import BlockMask, _sliced_mask_mod_unavailable, full_block_mask
 from .block_regroup import regroup_blocks, regrouped_block_size
 from .compile_check import warn_if_uncompiled
 from .kernel_options import validate_kernel_options
@@ -137,12 +137,8 @@ def _from_torch_block_mask(block_mask):
 
     if isinstance(block_mask, BlockMask) or not isinstance(block_mask, torch_flex.BlockMask):
         return block_mask
-    return BlockMask(
-        block_mask.seq_lengths, block_mask.kv_num_blocks, block_mask.kv_indices,
-        block_mask.full_kv_num_blocks, block_mask.full_kv_indices, block_mask.q_num_blocks,
-        block_mask.q_indices, block_mask.full_q_num_blocks, block_mask.full_q_indices,
-        BLOCK_SIZE=block_mask.BLOCK_SIZE, mask_mod=block_mask.mask_mod,
-    )
+    return BlockMask(block_mask.seq_lengths, *(getattr(block_mask, name) for name in BlockMask.TENSOR_ATTRS),
+                     BLOCK_SIZE=block_mask.BLOCK_SIZE, mask_mod=block_mask.mask_mod)
 
 
 def _with_q_blocks(block_mask: BlockMask) -> BlockMask:
@@ -150,12 +146,10 @@ def _with_q_blocks(block_mask: BlockMask) -> BlockMask:
     (``from_kv_blocks(..., compute_q_blocks=False)``): the backward walks them."""
     if block_mask.q_indices is not None:
         return block_mask
-    return BlockMask(
-        block_mask.seq_lengths, block_mask.kv_num_blocks, block_mask.kv_indices,
-        block_mask.full_kv_num_blocks, block_mask.full_kv_indices,
-        *q_direction_lists(block_mask.kv_num_blocks, block_mask.kv_indices,
-                           block_mask.full_kv_num_blocks, block_mask.full_kv_indices),
-        BLOCK_SIZE=block_mask.BLOCK_SIZE, mask_mod=block_mask.mask_mod,
+    return BlockMask.from_kv_blocks(
+        block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks,
+        block_mask.full_kv_indices, BLOCK_SIZE=block_mask.BLOCK_SIZE, mask_mod=block_mask.mask_mod,
+        seq_lengths=block_mask.seq_lengths,
     )
 
 

@@ -257,19 +257,6 @@ def _check_block_values(name: str, num_blocks: torch.Tensor, indices: torch.Tens
         )
 
 
-def q_direction_lists(kv_num_blocks, kv_indices, full_kv_num_blocks=None, full_kv_indices=None):
-    """(q_num_blocks, q_indices, full_q_num_blocks, full_q_indices): the KV-direction lists
-    transposed, the full ones None where there are none."""
-    num_kv_cols = kv_indices.shape[-1]
-    partial = _ordered_to_dense(kv_num_blocks, kv_indices, num_kv_cols)
-    q_num_blocks, q_indices = _dense_to_ordered(partial.transpose(-2, -1))
-    full_q_num_blocks = full_q_indices = None
-    if full_kv_num_blocks is not None:
-        full = _ordered_to_dense(full_kv_num_blocks, full_kv_indices, num_kv_cols)
-        full_q_num_blocks, full_q_indices = _dense_to_ordered(full.transpose(-2, -1))
-    return q_num_blocks, q_indices, full_q_num_blocks, full_q_indices
-
-
 class BlockMask:
     """Block-sparse mask over [B, H, Q_LEN, KV_LEN]; see the module docstring for the format.
 
@@ -379,8 +366,12 @@ class BlockMask:
 
         q_num_blocks = q_indices = full_q_num_blocks = full_q_indices = None
         if compute_q_blocks:
-            q_num_blocks, q_indices, full_q_num_blocks, full_q_indices = q_direction_lists(
-                kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)
+            num_kv_cols = kv_indices.shape[-1]
+            partial = _ordered_to_dense(kv_num_blocks, kv_indices, num_kv_cols)
+            q_num_blocks, q_indices = _dense_to_ordered(partial.transpose(-2, -1))
+            if full_kv_num_blocks is not None:
+                full = _ordered_to_dense(full_kv_num_blocks, full_kv_indices, num_kv_cols)
+                full_q_num_blocks, full_q_indices = _dense_to_ordered(full.transpose(-2, -1))
         return cls(
             seq_lengths,
             kv_num_blocks,
