@@ -24,6 +24,7 @@ from ._compat.dynamo import (
     discard_graph_changes,
     dynamo_config,
     guard_float,
+    guard_int,
     hop_variable_registry,
     make_attr,
     proxy_args_kwargs,
@@ -60,34 +61,46 @@ def _example_value(variable):
     return proxy.node.meta.get("example_value") if isinstance(proxy, torch.fx.Proxy) else proxy
 
 
-def _specialise_float_symbols(graph, lifted):
-    """Replace every symbolic float of a mod's subgraph by its value, guarded.
+def _specialise_symbols(graph, lifted, ints: bool):
+    """Replace symbolic numbers of a mod's subgraph by their values, guarded.
 
     A float the compiled function reads elsewhere too (``q * (1 / cap)``) or one computed from a
     dynamic int (``window * 0.01``) is a SymFloat in the subgraph; no lowering can put one into
     a kernel (Inductor would even bake in the value of the compile that made it dynamic, a
     silent wrong answer on the next value). Guarding on the value recompiles per value instead,
-    as for any specialised constant. Returns the lifted inputs still used by the subgraph.
+    as for any specialised constant. With ``ints``, so is every SymInt the subgraph computes
+    with (``table.numel() // 2`` indexing a learnable table): the backward's gradient scatter
+    cannot render one. Elsewhere SymInts stay symbolic (a causal offset ``S - L`` keeps one
+    graph for every length). Returns the lifted inputs still used by the subgraph.
     """
+    def specialised(node):
+        example = node.meta.get("example_value")
+        if isinstance(example, torch.SymFloat):
+            return True
+        return ints and isinstance(example, torch.SymInt) and bool(node.users)
+
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]
     lifted_placeholders = dict(zip(placeholders[len(placeholders) - len(lifted):], lifted))
+    replaced = set()
     for node in list(graph.nodes):
-        if not isinstance(node.meta.get("example_value"), torch.SymFloat):
+        if not specialised(node):
             continue
+        example = node.meta["example_value"]
         try:
-            value = guard_float(node.meta["example_value"])
-        except Exception as error:  # a float read from tensor data (.item()) has no value to guard
+            value = guard_float(example) if isinstance(example, torch.SymFloat) else guard_int(example)
+        except Exception as error:  # a number read from tensor data (.item()) has no value to guard
             raise CaptureTypeError(
-                f"a mod reads a float that torch.compile cannot keep constant ({node.meta['example_value']}); "
+                f"a mod reads a number that torch.compile cannot keep constant ({example}); "
                 "pass the value as a tensor captured by the mod (e.g. cap = torch.tensor(cap)) instead."
             ) from error
         for user in list(node.users):
             user.args = torch.fx.node.map_arg(user.args, lambda arg: value if arg is node else arg)
             user.kwargs = torch.fx.node.map_arg(user.kwargs, lambda arg: value if arg is node else arg)
+        replaced.add(node)
     graph.eliminate_dead_code()
     kept = []
     for node, outer in lifted_placeholders.items():
-        if node.users or not isinstance(node.meta.get("example_value"), torch.SymFloat):
+        if node.users or node not in replaced:
             kept.append(outer)
         else:
             graph.erase_node(node)
@@ -183,7 +196,8 @@ class FlexAttentionVariable(TorchHigherOrderOperatorVariable):
                 "a tensor captured by mask_mod requires grad; masks are not differentiable: "
                 "detach it (`t.detach()`), or move the learnable part into score_mod."
             )
-        lifted = _specialise_float_symbols(graph, lifted)
+        learnable = role == "score_mod" and any(getattr(_example_value(p), "requires_grad", False) for p in lifted)
+        lifted = _specialise_symbols(graph, lifted, ints=learnable)
         name = tx.output.install_subgraph(role, torch.fx.GraphModule(tx.output.nn_modules, graph))
         return make_attr(tx, name), tuple(lifted)
 

@@ -298,3 +298,40 @@ def test_small_blocks_regrouped(variant, block_size):
     B, Hq, L = 2, 4, 140
     assert B * Hq * -(-L // 128) >= MIN_REGROUPED_PROGRAMS_OFF_GPU and B * Hq * L * L >= MIN_REGROUPED_SCORES_OFF_GPU
     _run(BY_NAME[variant], B=B, Hq=Hq, Hkv=2, L=L, S=L, E=16, Ev=16, block_size=block_size)
+
+
+def test_inductor_caches_never_serve_one_query_length_for_another():
+    """Query lengths under the decode guard, made dynamic by a recompile, with Inductor's graph
+    caches on (the other tests turn them off). The forward lowering used to specialise such a
+    length to its value; the cache drops that guard, so the next length was served the kernel
+    of the last one (the GPU fuzz: "expected size 2==5")."""
+    compiled = torch.compile(flex_attention)
+    with torch._inductor.config.patch(fx_graph_cache=True), \
+            torch._functorch.config.patch(enable_autograd_cache=True):
+        for B, L, S in [(3, 1, 1), (2, 5, 8), (2, 2, 8), (2, 5, 8), (2, 7, 8)]:
+            oracle.check_call(compiled, BY_NAME["sliding_window"], B=B, Hq=2, Hkv=1, L=L, S=S, E=16, Ev=8,
+                              dtype=torch.float32, device="cpu", block_size=(128, 100))
+
+
+def test_an_int_derived_from_a_dynamic_size_in_a_learnable_score_mod():
+    """A relative-position table sized by the lengths, indexed with ``table.numel() // 2``,
+    all inside the compiled function: under dynamic shapes the offset is a SymInt that the
+    backward could not render (the GPU fuzz). Mods now take such ints as guarded constants."""
+    def attention(q, k, v, table):
+        scaled = table * 1
+        offset = scaled.numel() // 2
+        return flex_attention(q, k, v, score_mod=lambda s, b, h, q_idx, kv_idx: s + scaled[q_idx - kv_idx + offset])
+
+    compiled = torch.compile(attention, fullgraph=True)
+    for L, S in [(40, 20), (24, 5), (30, 7)]:
+        inputs = [torch.randn(1, 2, n, 16, requires_grad=True) for n in (L, S, S)]
+        inputs.append(torch.randn(2 * max(L, S) + 1, requires_grad=True))
+        out = compiled(*inputs)
+        grad_out = torch.randn_like(out)
+        grads = torch.autograd.grad(out, inputs, grad_out)
+        gold_inputs = [t.detach().double().requires_grad_() for t in inputs]
+        gold_out = attention(*gold_inputs)
+        gold = torch.autograd.grad(gold_out, gold_inputs, grad_out.double())
+        torch.testing.assert_close(out.double(), gold_out, atol=1e-5, rtol=1e-5, msg=f"out L={L} S={S}")
+        for name, ours, expected in zip(("dq", "dk", "dv", "dtable"), grads, gold):
+            torch.testing.assert_close(ours.double(), expected, atol=1e-4, rtol=1e-4, msg=f"{name} L={L} S={S}")

@@ -17,7 +17,7 @@ from torch._dynamo.variables.higher_order_ops import (
 )
 from torch._dynamo.variables.lists import TupleVariable
 from torch.fx.experimental.proxy_tensor import set_original_aten_op
-from torch.fx.experimental.symbolic_shapes import guard_float
+from torch.fx.experimental.symbolic_shapes import guard_float, guard_int
 
 __all__ = [
     "ConstantVariable",
@@ -30,6 +30,7 @@ __all__ = [
     "discard_graph_changes",
     "dynamo_config",
     "guard_float",
+    "guard_int",
     "hop_variable_registry",
     "is_dynamo_supported",
     "make_attr",

@@ -63,9 +63,17 @@ def _known_multiple(length, block: int) -> bool:
 
 
 def _span(length, sparse_block: int) -> int:
-    """Positions one sparse block can cover: the block, or the whole sequence if shorter."""
+    """Positions one sparse block can cover: the block, or the whole sequence if shorter.
+
+    A dynamic length known to be shorter (e.g. a query length under the decode guard) gives
+    its upper bound, not its value: specialising a size here, after Dynamo, is a guard that
+    Inductor's graph cache drops (the symbol vanishes from the graph's inputs), so the kernel
+    of one length was served for another. Tiles sized for the bound cover any shorter length.
+    """
     if V.graph.sizevars.statically_known_true(sympy.Lt(length, sparse_block)):
-        return _static(length)
+        if isinstance(length, sympy.Expr) and length.free_symbols:
+            return int(V.graph.sizevars.shape_env.bound_sympy(length).upper)
+        return int(length)
     return sparse_block
 
 
