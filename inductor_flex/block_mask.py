@@ -320,6 +320,11 @@ class BlockMask:
         self.full_q_indices = full_q_indices
         self.BLOCK_SIZE = _normalize_block_size(BLOCK_SIZE)
         self.mask_mod = noop_mask if mask_mod is None else mask_mod
+        # True only where create_block_mask classified the blocks by evaluating this mask_mod:
+        # then mask_mod alone answers every position exactly as the blocks do (full blocks
+        # all True, absent ones all False), which block_regroup.py uses. Any other
+        # construction (hand-made lists, slicing, _adjust, from_tuple) leaves it False.
+        self.blocks_follow_mask_mod = False
 
     @classmethod
     def from_kv_blocks(
@@ -527,7 +532,9 @@ class BlockMask:
     def to(self, device: torch.device | str) -> BlockMask:
         """A copy with every tensor on ``device``."""
         tensors = [None if t is None else t.to(device) for t in self._tensors()]
-        return BlockMask(self.seq_lengths, *tensors, BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod)
+        moved = BlockMask(self.seq_lengths, *tensors, BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod)
+        moved.blocks_follow_mask_mod = self.blocks_follow_mask_mod
+        return moved
 
     def __getitem__(self, index) -> BlockMask:
         """Select batches, heads and (third index) query-block rows, like torch's BlockMask.
@@ -687,7 +694,8 @@ def _flatten_with_keys(mask: BlockMask):
     present = [name for name in BlockMask.TENSOR_ATTRS if getattr(mask, name) is not None]
     missing = tuple(name for name in BlockMask.TENSOR_ATTRS if getattr(mask, name) is None)
     keyed_leaves = [(GetAttrKey(name), getattr(mask, name)) for name in present]
-    return keyed_leaves, (mask.seq_lengths, mask.BLOCK_SIZE, _MaskModKey(mask.mask_mod), missing)
+    context = (mask.seq_lengths, mask.BLOCK_SIZE, _MaskModKey(mask.mask_mod), missing, mask.blocks_follow_mask_mod)
+    return keyed_leaves, context
 
 
 def _flatten(mask: BlockMask):
@@ -696,10 +704,12 @@ def _flatten(mask: BlockMask):
 
 
 def _unflatten(leaves, context) -> BlockMask:
-    seq_lengths, block_size, mask_mod_key, missing = context
+    seq_lengths, block_size, mask_mod_key, missing, blocks_follow_mask_mod = context
     leaves = iter(leaves)
     tensors = [None if name in missing else next(leaves) for name in BlockMask.TENSOR_ATTRS]
-    return BlockMask(seq_lengths, *tensors, BLOCK_SIZE=block_size, mask_mod=mask_mod_key.mask_mod)
+    mask = BlockMask(seq_lengths, *tensors, BLOCK_SIZE=block_size, mask_mod=mask_mod_key.mask_mod)
+    mask.blocks_follow_mask_mod = blocks_follow_mask_mod
+    return mask
 
 
 register_pytree_node(
@@ -847,7 +857,9 @@ def create_block_mask(
         partial, full = any_map & ~all_map, all_map
     else:
         partial, full = any_map, None
-    return BlockMask._from_block_maps(partial, full, (Q_LEN, KV_LEN), (q_block, kv_block), mask_mod)
+    mask = BlockMask._from_block_maps(partial, full, (Q_LEN, KV_LEN), (q_block, kv_block), mask_mod)
+    mask.blocks_follow_mask_mod = True
+    return mask
 
 
 def full_block_mask(

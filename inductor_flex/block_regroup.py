@@ -15,7 +15,10 @@ not a multiple of 64:
   user's mask_mod, absent -> masked.
 
 Every position is therefore attended exactly as before, hand-made masks included (the table is
-the fine mask's own semantics); the partial regrouped blocks pay one table read per score. The
+the fine mask's own semantics); the partial regrouped blocks pay one table read per score. A
+mask whose blocks create_block_mask classified by evaluating its mask_mod
+(``blocks_follow_mask_mod``) needs no table: there the mask_mod already answers every position
+as the blocks do, and the regrouped mask keeps it as it is. The
 work is that of the same mask built with 128-blocks (torch's default, and the smallest torch
 2.11 accepts on the GPU): fine blocks scattered so that few of them share a 128-block cost
 more. Pages of a paged KV cache are not regrouped in the KV direction: neighbouring pages
@@ -246,8 +249,16 @@ def regroup_blocks(block_mask: BlockMask, block_size: tuple[int, int]) -> BlockM
     kv_num, kv_indices, full_kv_num, full_kv_indices, q_num, q_indices, full_q_num, full_q_indices = lists
     if block_mask.full_kv_num_blocks is None:
         full_kv_num = full_kv_indices = full_q_num = full_q_indices = None
-    return BlockMask(
+    # Blocks classified by the mask_mod itself: it already answers every position as the fine
+    # blocks do, so the regrouped partial blocks need no table read per score (H200, causal
+    # D128 S8192 blocks of 32: forward 1.47 -> 1.35 ms; 48: 1.54 -> 1.38 ms).
+    if block_mask.blocks_follow_mask_mod:
+        mask_mod = block_mask.mask_mod
+    else:
+        mask_mod = mask_mod_from_kinds(block_mask.mask_mod, kinds, fine_rows, fine_cols)
+    regrouped = BlockMask(
         block_mask.seq_lengths, kv_num, kv_indices, full_kv_num, full_kv_indices, q_num, q_indices, full_q_num,
-        full_q_indices, BLOCK_SIZE=block_size,
-        mask_mod=mask_mod_from_kinds(block_mask.mask_mod, kinds, fine_rows, fine_cols),
+        full_q_indices, BLOCK_SIZE=block_size, mask_mod=mask_mod,
     )
+    regrouped.blocks_follow_mask_mod = block_mask.blocks_follow_mask_mod
+    return regrouped

@@ -7,6 +7,8 @@ deep inside a compile. Keys may carry a ``fwd_`` or ``bwd_`` prefix to apply to 
 import difflib
 from typing import TypedDict
 
+import torch
+
 BACKENDS = ("AUTO", "TRITON", "DECOMPOSED")
 
 # name -> (kind, meaning)
@@ -70,9 +72,12 @@ def validate_kernel_options(options: dict) -> None:
         base = _strip_direction(name)
         if base not in KNOWN_OPTIONS:
             by_case = {known.lower(): known for known in KNOWN_OPTIONS}
-            close = [by_case[base.lower()]] if base.lower() in by_case else difflib.get_close_matches(
-                base, KNOWN_OPTIONS, n=1
-            )
+            if base.lower() in by_case:
+                close = [by_case[base.lower()]]
+            elif torch.compiler.is_dynamo_compiling():
+                close = []  # Dynamo cannot trace difflib: the list of known options must do
+            else:
+                close = difflib.get_close_matches(base, KNOWN_OPTIONS, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             known = ", ".join(sorted(KNOWN_OPTIONS))
             raise ValueError(

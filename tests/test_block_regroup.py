@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from inductor_flex import BlockMask, create_block_mask, flex_attention
+from inductor_flex._compat.pytree import tree_flatten, tree_unflatten
 from inductor_flex.api import AuxRequest
 from inductor_flex.block_regroup import (FULL, PARTIAL, REGROUPED_SIZE, fine_block_kinds, regroup_blocks,
                                          regrouped_block_lists, regrouped_block_size)
@@ -91,6 +92,29 @@ def test_created_masks_and_their_block_counts():
     assert kinds[0].tolist() == [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
     assert kinds[2].tolist() == [2] * 8 + [1, 1]
     _assert_same_attention(mask, regrouped, 1, 1, 300, 300)
+
+
+def test_masks_classified_by_their_mask_mod_regroup_without_a_table():
+    """A created mask's blocks follow its mask_mod, so the regrouped mask keeps the mask_mod
+    itself (no per-score table read); every other mask keeps the kinds table, and the flag
+    does not survive a change of the lists."""
+    def window(b, h, q, kv):
+        return (q - kv).abs() <= 40
+
+    created = create_block_mask(window, None, 2, 300, 300, device="cpu", BLOCK_SIZE=48)
+    assert created.blocks_follow_mask_mod
+    regrouped = regroup_blocks(created, BOTH)
+    assert regrouped.mask_mod is window and regrouped.blocks_follow_mask_mod
+    _assert_same_attention(created, regrouped, 2, 2, 300, 300)
+
+    moved = created.to("cpu")
+    rebuilt = tree_unflatten(*tree_flatten(created))
+    assert moved.blocks_follow_mask_mod and rebuilt.blocks_follow_mask_mod
+    for changed in (created[:, 1:], created._adjust(200, 300), BlockMask.from_tuple(created.as_tuple()),
+                    BlockMask.from_kv_blocks(created.kv_num_blocks, created.kv_indices, BLOCK_SIZE=48,
+                                             mask_mod=window, seq_lengths=(300, 300))):
+        assert not changed.blocks_follow_mask_mod
+        assert regroup_blocks(changed, BOTH).mask_mod is not changed.mask_mod
 
 
 def test_when_it_applies():

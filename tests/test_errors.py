@@ -159,6 +159,14 @@ def test_bad_kernel_options(options, error, fix):
         flex_attention(q, k, v, kernel_options=options)
 
 
+def test_unknown_kernel_option_under_fullgraph_names_it():
+    """The close-match hint uses difflib, which Dynamo cannot trace: under fullgraph the error
+    used to be Dynamo's "Failed to trace builtin operator", without our message."""
+    q, k, v = _qkv()
+    with pytest.raises(Exception, match="unknown kernel option 'BLOK_M'; known options"):
+        torch.compile(flex_attention, fullgraph=True)(q, k, v, kernel_options={"BLOK_M": 64})
+
+
 def test_forced_template_that_cannot_run_says_why():
     q, k, v = _qkv(dtype=torch.float64)
     with pytest.raises(Exception, match="BACKEND='TRITON' cannot run here.*float64"):
