@@ -320,10 +320,11 @@ class BlockMask:
         self.full_q_indices = full_q_indices
         self.BLOCK_SIZE = _normalize_block_size(BLOCK_SIZE)
         self.mask_mod = noop_mask if mask_mod is None else mask_mod
-        # True only where create_block_mask classified the blocks by evaluating this mask_mod:
-        # then mask_mod alone answers every position exactly as the blocks do (full blocks
-        # all True, absent ones all False), which block_regroup.py uses. Any other
-        # construction (hand-made lists, slicing, _adjust, from_tuple) leaves it False.
+        # True only where create_block_mask classified the blocks by evaluating this mask_mod,
+        # for every batch and head it answers differently: then mask_mod alone answers every
+        # position exactly as the blocks do (full blocks all True, absent ones all False),
+        # which block_regroup.py uses. Any other construction (hand-made lists, slicing,
+        # _adjust, from_tuple) leaves it False.
         self.blocks_follow_mask_mod = False
 
     @classmethod
@@ -858,8 +859,35 @@ def create_block_mask(
     else:
         partial, full = any_map, None
     mask = BlockMask._from_block_maps(partial, full, (Q_LEN, KV_LEN), (q_block, kv_block), mask_mod)
-    mask.blocks_follow_mask_mod = True
+    # A mask of one batch (head) was classified at b = 0 (h = 0) only: the blocks follow the
+    # mask_mod everywhere only if its answer does not depend on b (h).
+    reads_batch, reads_head = _reads_batch_and_head(mask_mod)
+    mask.blocks_follow_mask_mod = (B > 1 or not reads_batch) and (H > 1 or not reads_head)
     return mask
+
+
+# Tensor methods that read only their tensor's dtype and device (``b.new_ones(())`` in and_masks).
+_VALUE_FREE_METHODS = frozenset({"new_ones", "new_zeros", "new_full", "new_empty"})
+
+
+def _reads_batch_and_head(mask_mod: Callable) -> tuple[bool, bool]:
+    """Whether mask_mod's answer may depend on its b and on its h argument, from a symbolic
+    trace; True for both when that cannot be told (control flow on values, under Dynamo)."""
+    if torch.compiler.is_dynamo_compiling():
+        return True, True
+    try:
+        graph = torch.fx.symbolic_trace(mask_mod).graph
+    except Exception:  # any mask_mod fx cannot trace is simply not inspected
+        return True, True
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    if len(placeholders) != MASK_MOD_ARITY:
+        return True, True
+
+    def reads(argument):
+        return any(not (user.op == "call_method" and user.target in _VALUE_FREE_METHODS and user.args[0] is argument)
+                   for user in argument.users)
+
+    return reads(placeholders[0]), reads(placeholders[1])
 
 
 def full_block_mask(

@@ -8,7 +8,7 @@ random (partial, full and absent blocks, hand-made lists included) with awkward 
 import pytest
 import torch
 
-from inductor_flex import BlockMask, create_block_mask, flex_attention
+from inductor_flex import BlockMask, and_masks, create_block_mask, flex_attention, noop_mask, or_masks
 from inductor_flex._compat.pytree import tree_flatten, tree_unflatten
 from inductor_flex.api import AuxRequest
 from inductor_flex.block_regroup import (FULL, PARTIAL, REGROUPED_SIZE, fine_block_kinds, regroup_blocks,
@@ -115,6 +115,34 @@ def test_masks_classified_by_their_mask_mod_regroup_without_a_table():
                                              mask_mod=window, seq_lengths=(300, 300))):
         assert not changed.blocks_follow_mask_mod
         assert regroup_blocks(changed, BOTH).mask_mod is not changed.mask_mod
+
+
+def test_broadcast_masks_follow_a_mask_mod_only_if_it_ignores_batch_and_head():
+    """A mask made with B (H) None was classified at b = 0 (h = 0): its blocks follow the
+    mask_mod only when the mask_mod's answer does not depend on b (h), which a symbolic trace
+    tells (and_masks' b.new_ones reads no value); otherwise the table keeps torch's meaning."""
+    doc = torch.randint(0, 3, (2, 300)).sort(dim=1).values
+
+    def per_head_window(b, h, q, kv):
+        return (q - kv).abs() <= 20 * (h + 1)
+
+    def documents(b, h, q, kv):
+        return doc[b, q] == doc[b, kv]
+
+    class CausalObject:  # a callable object: fx does not trace it, so it counts as dependent
+        def __call__(self, b, h, q, kv):
+            return q >= kv
+
+    def causal(b, h, q, kv):
+        return q >= kv
+
+    cases = [(per_head_window, None, None, False), (per_head_window, None, 2, True), (documents, None, 2, False),
+             (documents, 2, None, True), (and_masks(causal, documents), 2, 2, True),
+             (and_masks(causal, noop_mask), None, None, True), (or_masks(causal, per_head_window), 2, None, False),
+             (CausalObject(), None, None, False), (CausalObject(), 2, 2, True)]
+    for mask_mod, B, H, follows in cases:
+        mask = create_block_mask(mask_mod, B, H, 300, 300, device="cpu", BLOCK_SIZE=32)
+        assert mask.blocks_follow_mask_mod is follows, (mask_mod, B, H)
 
 
 def test_when_it_applies():
