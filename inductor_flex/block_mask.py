@@ -295,6 +295,7 @@ class BlockMask:
         dq_write_order_full: torch.Tensor | None = None,
         dq_kv_order: torch.Tensor | None = None,
         dq_kv_order_spt: bool | None = None,
+        blocks_follow_mask_mod: bool = False,
     ) -> None:
         # The dq_* keywords are torch 2.13's write order for its dQ kernel: accepted so code
         # written for torch runs, unused (our backward computes dQ per query block, no order).
@@ -325,7 +326,7 @@ class BlockMask:
         # position exactly as the blocks do (full blocks all True, absent ones all False),
         # which block_regroup.py uses. Any other construction (hand-made lists, slicing,
         # _adjust, from_tuple) leaves it False.
-        self.blocks_follow_mask_mod = False
+        self.blocks_follow_mask_mod = blocks_follow_mask_mod
 
     @classmethod
     def from_kv_blocks(
@@ -533,9 +534,8 @@ class BlockMask:
     def to(self, device: torch.device | str) -> BlockMask:
         """A copy with every tensor on ``device``."""
         tensors = [None if t is None else t.to(device) for t in self._tensors()]
-        moved = BlockMask(self.seq_lengths, *tensors, BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod)
-        moved.blocks_follow_mask_mod = self.blocks_follow_mask_mod
-        return moved
+        return BlockMask(self.seq_lengths, *tensors, BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod,
+                         blocks_follow_mask_mod=self.blocks_follow_mask_mod)
 
     def __getitem__(self, index) -> BlockMask:
         """Select batches, heads and (third index) query-block rows, like torch's BlockMask.
@@ -708,9 +708,8 @@ def _unflatten(leaves, context) -> BlockMask:
     seq_lengths, block_size, mask_mod_key, missing, blocks_follow_mask_mod = context
     leaves = iter(leaves)
     tensors = [None if name in missing else next(leaves) for name in BlockMask.TENSOR_ATTRS]
-    mask = BlockMask(seq_lengths, *tensors, BLOCK_SIZE=block_size, mask_mod=mask_mod_key.mask_mod)
-    mask.blocks_follow_mask_mod = blocks_follow_mask_mod
-    return mask
+    return BlockMask(seq_lengths, *tensors, BLOCK_SIZE=block_size, mask_mod=mask_mod_key.mask_mod,
+                     blocks_follow_mask_mod=blocks_follow_mask_mod)
 
 
 register_pytree_node(

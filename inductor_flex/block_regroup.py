@@ -256,9 +256,8 @@ def regroup_blocks(block_mask: BlockMask, block_size: tuple[int, int]) -> BlockM
         mask_mod = block_mask.mask_mod
     else:
         mask_mod = mask_mod_from_kinds(block_mask.mask_mod, kinds, fine_rows, fine_cols)
-    regrouped = BlockMask(
+    return BlockMask(
         block_mask.seq_lengths, kv_num, kv_indices, full_kv_num, full_kv_indices, q_num, q_indices, full_q_num,
         full_q_indices, BLOCK_SIZE=block_size, mask_mod=mask_mod,
+        blocks_follow_mask_mod=block_mask.blocks_follow_mask_mod,
     )
-    regrouped.blocks_follow_mask_mod = block_mask.blocks_follow_mask_mod
-    return regrouped
