@@ -191,12 +191,12 @@ class FlexAttentionVariable(TorchHigherOrderOperatorVariable):
             raise CaptureTypeError(str(error)) from None
         except ValueError as error:
             raise CaptureValueError(str(error)) from None
-        if role == "mask_mod" and any(getattr(_example_value(p), "requires_grad", False) for p in lifted):
+        learnable = any(getattr(_example_value(p), "requires_grad", False) for p in lifted)
+        if role == "mask_mod" and learnable:
             raise CaptureValueError(
                 "a tensor captured by mask_mod requires grad; masks are not differentiable: "
                 "detach it (`t.detach()`), or move the learnable part into score_mod."
             )
-        learnable = role == "score_mod" and any(getattr(_example_value(p), "requires_grad", False) for p in lifted)
         lifted = _specialise_symbols(graph, lifted, ints=learnable)
         name = tx.output.install_subgraph(role, torch.fx.GraphModule(tx.output.nn_modules, graph))
         return make_attr(tx, name), tuple(lifted)
