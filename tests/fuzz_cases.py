@@ -526,7 +526,9 @@ def _row_sensitivity(variant, inputs, buffers, fields, scale, row_weights, data_
                                     allow_unused=True)
         for n, g in zip(learnable, grads):
             if g is not None:
-                mean_square[n] = mean_square[n] + g.pow(2) / samples
+                # NaN is autograd's 0 × inf at an element that a -inf score scales; the oracle
+                # leaves such elements unchecked (oracle.assert_within), so they weigh nothing.
+                mean_square[n] = mean_square[n] + g.nan_to_num(nan=0.0).pow(2) / samples
     return {n: 2.0 * (m.max().sqrt().item() if torch.is_tensor(m) and m.numel() else 0.0)
             for n, m in mean_square.items()}
 

@@ -56,6 +56,7 @@ def assert_within(name, actual, gold, baseline, factor=2.0, terms_per_element=1,
     floor = ulps * magnitude * (torch.finfo(actual.dtype).eps * math.sqrt(terms_per_element)
                                 + torch.finfo(accumulator).eps * math.sqrt(accumulated_terms))
     floor += modelled_round_off
+    assert math.isfinite(floor), f"{name}: the round-off floor is {floor} (a bug of the test's model, not of the kernel)"
     err, base = max_error(actual, gold), max_error(baseline, gold)
     assert err <= factor * base + floor, f"{name}: error {err:.3e} > {factor} × eager error {base:.3e}"
 

@@ -173,6 +173,16 @@ def test_captures_computed_in_the_graph(quiet):
     run_case(structure, Shape(2, 37, 29), data_seed=3)
 
 
+def test_learnable_scale_of_a_minus_infinity_score(quiet):
+    """Found by the interpreter fuzz in CI: a per-head learnable scale times a score_mod's -inf
+    has an undefined (NaN) reference gradient, which the oracle skips; the round-off model fed
+    that NaN into the floor of every element, so an exact gradient failed its check."""
+    structure = _structure(Hq=2, Hkv=1, E=4, Ev=4, mask="causal", score=("score_mask", "head_scale"),
+                           grads_for_captures=(False, True), block_size=16, use_block_mask=True, enable_gqa=True,
+                           broadcast_kv_batch=True, aux="none", captures_in_graph=True)
+    run_case(structure, Shape(1, 15, 15), data_seed=0)
+
+
 ONE_KEY_CASES = [
     (_structure(Hq=3, Hkv=1, E=4, Ev=4, enable_gqa=True, broadcast_kv_batch=True, aux="none"), Shape(1, 15, 1)),
     (_structure(Hq=2, Hkv=1, E=4, Ev=32, score=("alibi", "alibi"), grads_for_captures=(False, False),
