@@ -11,6 +11,7 @@ mask_mod(b, h, q, kv) is true; this is exactly what the kernels compute, so the 
 the oracle for block masks built by hand with ``BlockMask.from_kv_blocks`` too.
 """
 
+import copy
 import math
 
 import torch
@@ -148,6 +149,29 @@ def attention_reference(
     return out, torch.cat(lses, dim=2), torch.cat(maxes, dim=2)
 
 
+_NARROW_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _evaluated_in_float64(joint_graph):
+    """A copy of the joint graph whose casts to a narrower float cast to float64 instead.
+
+    Autograd rounds each position's gradient of a captured tensor to the tensor's dtype (an
+    fp16 bias read by fp32 scores: one fp16 rounding per position) before our float64 sum over
+    the positions; the kernels keep those terms in float32. Rounding once, at the end, keeps the
+    eager gradient as exact as the sum allows.
+    """
+    graph_module = torch.fx.GraphModule(joint_graph, copy.deepcopy(joint_graph.graph))
+    changed = False
+    for node in graph_module.graph.nodes:
+        if (node.op == "call_function" and node.target is torch.ops.aten._to_copy.default
+                and node.kwargs.get("dtype") in _NARROW_FLOATS):
+            node.update_kwarg("dtype", torch.float64)
+            changed = True
+    if changed:
+        graph_module.recompile()
+    return graph_module if changed else joint_graph
+
+
 def attention_backward_reference(
     query,
     key,
@@ -180,6 +204,7 @@ def attention_backward_reference(
     grad_value = torch.zeros(batch, *value_kv.shape[1:], dtype=compute, device=value.device)
     grad_query = torch.empty(query.shape, dtype=compute, device=query.device)
     buffer_grads = [None] * len(score_mod_buffers)
+    joint_graph = _evaluated_in_float64(joint_graph)
     per_position = joint_outputs_per_position(joint_graph, n_grid_inputs=6)
     joint = vmap_over_bhqkv(
         joint_graph,

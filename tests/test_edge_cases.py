@@ -355,3 +355,39 @@ def test_gradient_through_minus_inf_scores_scaled_by_a_learnable_tensor(mode):
     for name, ours, expected in zip("qkvw", grads, gold):
         assert torch.isfinite(ours).all(), f"d{name}: not finite"
         torch.testing.assert_close(ours.double(), expected, atol=1e-4, rtol=1e-4, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("buffer_dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_narrow_learnable_tensors_with_float32_scores(mode, buffer_dtype):
+    """Found by an adversarial probe (eager): a learnable per-head scale and relative-position
+    table in fp16/bf16 read by float32 scores. Autograd rounds each position's gradient term to
+    the table's dtype; summing those rounded terms made the eager gradient hundreds of times
+    the same-dtype error. Each gradient element is now rounded once, so our error is at most
+    the rounding of the exact gradient (plus float32 summation round-off)."""
+    B, H, L, D = 2, 4, 150, 16
+    q, k, v = (torch.randn(B, H, L, D) for _ in range(3))
+    weight = (0.5 + torch.rand(H)).to(buffer_dtype).requires_grad_()
+    table = torch.randn(32).to(buffer_dtype).requires_grad_()
+
+    def build(weight, table):
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score * weight[h] + table[(q_idx - kv_idx).abs().clamp(max=31)]
+        return score_mod
+
+    attend = oracle.MODES[mode]
+    out = attend(q, k, v, score_mod=build(weight, table))
+    grad_out = torch.randn_like(out)
+    ours = torch.autograd.grad(out, (weight, table), grad_out)
+
+    fields = full_block_mask(L, L, device="cpu").as_tuple()
+    gold_buffers = [t.detach().double().requires_grad_() for t in (weight, table)]
+    gold_out = attention_reference(q.double(), k.double(), v.double(), build(*gold_buffers), fields, D ** -0.5)[0]
+    gold = torch.autograd.grad(gold_out, gold_buffers, grad_out.double())
+    for name, grad, expected in zip(("weight", "table"), ours, gold):
+        assert grad.dtype == buffer_dtype
+        # One rounding to the buffer's dtype, and float32 round-off of a sum over B·L·L terms.
+        rounding = expected.abs() * torch.finfo(buffer_dtype).eps / 2
+        summation = 8 * torch.finfo(torch.float32).eps * math.sqrt(B * L * L) * expected.abs().max()
+        error = (grad.double() - expected).abs()
+        assert torch.all(error <= rounding + summation), f"d{name}: error {error.max():.3e}"
