@@ -24,7 +24,7 @@ from ._compat.joint import (
     make_aot_config,
     suspend_functionalization,
 )
-from .mods import gradient_summands, index_examples
+from .mods import UnsupportedGradient, gradient_summands, index_examples
 
 
 def _like(t):
@@ -68,7 +68,93 @@ def build_joint_graph(score_mod, query: torch.Tensor, score_mod_buffers: tuple):
 
         with TransformGetItemToIndex():
             graph_module = make_fx(joint_fn)(*examples, grad_example, *buffers)
+    graph_module = _merge_chained_scatters(graph_module)
+    _refuse_slices_read_whole(graph_module)
     return _zero_where_no_gradient_flows(graph_module)
+
+
+def _scalar_indices(indices) -> bool:
+    return all(isinstance(i, torch.fx.Node) and getattr(i.meta.get("val"), "ndim", None) == 0 for i in indices)
+
+
+def _same_size(a, b) -> bool:
+    """Sizes in a joint graph: ints, or nodes standing for symbolic sizes (compared by symbol)."""
+    def symbol(size):
+        return str(size.meta.get("val", size.name)) if isinstance(size, torch.fx.Node) else str(size)
+
+    return a is b or symbol(a) == symbol(b)
+
+
+def _merge_chained_scatters(graph_module):
+    """One scatter per chained read: ``bias[q_idx][kv_idx]`` as ``bias[q_idx, kv_idx]``.
+
+    Autograd differentiates a chained read as a scatter of the inner gradient (a row of
+    ``bias``, one per position) into ``bias``. A per-position row is what neither the vmap
+    rule nor the kernels can sum, so a scatter whose values are scatters (or sums of them) into
+    the rest of its shape becomes one scatter per summand with the indices concatenated. Only
+    0-dim (per-position) indices qualify, where ``x[i][j]`` is ``x[i, j]`` exactly.
+    """
+    graph = graph_module.graph
+    scatter = zeros_and_scatter_op()
+
+    def summands(node, inner_shape):
+        """The scatters into ``inner_shape`` that ``node`` adds up, or None."""
+        if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+            return None
+        if node.target is scatter:
+            shape, indices, _ = node.args
+            same = len(shape) == len(inner_shape) and all(map(_same_size, shape, inner_shape))
+            return [node] if same and _scalar_indices(indices) else None
+        if node.target is torch.ops.aten.add.Tensor and len(node.args) == 2 and not node.kwargs:
+            parts = [summands(arg, inner_shape) for arg in node.args]
+            return None if None in parts else parts[0] + parts[1]
+        return None
+
+    changed = True
+    while changed:
+        changed = False
+        for node in list(graph.nodes):
+            if node.op != "call_function" or node.target is not scatter or not node.users:
+                continue
+            shape, indices, values = node.args
+            inner = summands(values, list(shape)[len(indices):]) if _scalar_indices(indices) else None
+            if not inner:
+                continue
+            with graph.inserting_before(node):
+                merged = [graph.call_function(scatter, (list(shape), [*indices, *part.args[1]], part.args[2]))
+                          for part in inner]
+                for part, new in zip(inner, merged):
+                    new.meta = dict(node.meta)
+                total = merged[0]
+                for new in merged[1:]:
+                    total = graph.call_function(torch.ops.aten.add.Tensor, (total, new))
+                    total.meta = dict(node.meta)
+            node.replace_all_uses_with(total)
+            graph.erase_node(node)
+            graph.eliminate_dead_code()
+            changed = True
+            break
+    graph.lint()
+    graph_module.recompile()
+    return graph_module
+
+
+def _refuse_slices_read_whole(graph_module):
+    """A slice of a captured tensor used whole per position (``t[h].sum()``) has a gradient
+    that is a slice per position, which no backward here sums: refuse it with the rewrite."""
+    scatter = zeros_and_scatter_op()
+    for node in graph_module.graph.nodes:
+        if node.op == "call_function" and node.target is scatter:
+            values = node.args[2]
+            value_shape = getattr(values.meta.get("val"), "shape", ()) if isinstance(values, torch.fx.Node) else ()
+            if len(value_shape):
+                raise UnsupportedGradient(
+                    f"inductor_flex: score_mod takes a {len(value_shape)}-dim slice of a learnable captured "
+                    "tensor per position and uses the slice whole (e.g. `t[h].sum()`); its gradient is not "
+                    "supported. Index the tensor down to one element per position "
+                    "(`t[h, kv_idx]`), or compute the reduction outside score_mod and capture the result "
+                    "(`t_sum = t.sum(-1)`, then `t_sum[h]`)."
+                )
 
 
 def _zero_where_no_gradient_flows(graph_module):

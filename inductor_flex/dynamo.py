@@ -34,7 +34,8 @@ from ._compat.dynamo import (
 )
 from ._compat.hop import TransformGetItemToIndex
 from .lowering import register_lowerings
-from .mods import MASK_MOD_ARITY, RETURN_HINT, SCORE_MOD_ARITY, check_mod_arity, check_mod_output
+from .mods import (MASK_MOD_ARITY, RETURN_HINT, SCORE_MOD_ARITY, UnsupportedGradient, check_mod_arity,
+                   check_mod_output)
 from .source_version import with_source_version
 
 _GRAPH_BREAK_FIX = (
@@ -53,6 +54,18 @@ class CaptureTypeError(UncapturedHigherOrderOpError, TypeError):
 
 class CaptureValueError(UncapturedHigherOrderOpError, ValueError):
     """Like CaptureTypeError, a ValueError (e.g. a mod returns the wrong shape)."""
+
+
+class CaptureNotImplementedError(UncapturedHigherOrderOpError, NotImplementedError):
+    """Like CaptureTypeError, a NotImplementedError: a score_mod whose gradient is unsupported,
+    found when the operator first runs on fake tensors (building the joint graph)."""
+
+
+def _unsupported_gradient(error):
+    """Our UnsupportedGradient among the causes of a Dynamo error, or None."""
+    while error is not None and not isinstance(error, UnsupportedGradient):
+        error = error.__cause__ or error.__context__
+    return error
 
 
 def _example_value(variable):
@@ -232,7 +245,14 @@ class FlexAttentionVariable(TorchHigherOrderOperatorVariable):
         )
         with set_original_aten_op(self.value):
             proxy = tx.output.create_proxy("call_function", self.value, args=node_args, kwargs={})
-        return wrap_fx_proxy(tx=tx, proxy=proxy, example_value=None)
+        try:
+            return wrap_fx_proxy(tx=tx, proxy=proxy, example_value=None)
+        except Exception as error:
+            # Dynamo wraps what the fake run raises in a graph-break error; say ours plainly.
+            cause = _unsupported_gradient(error)
+            if cause is None:
+                raise
+            raise CaptureNotImplementedError(str(cause)) from None
 
 
 def register_dynamo_variable(op_name: str) -> None:

@@ -30,6 +30,11 @@ def index_examples(like: torch.Tensor) -> list:
     return [like.new_zeros((), dtype=torch.int32) for _ in range(4)]
 
 
+class UnsupportedGradient(NotImplementedError):
+    """A score_mod whose captured tensors' gradient no backward here can compute; the message
+    says how to rewrite it."""
+
+
 def vmap_over_bhqkv(fn: Callable, prefix: tuple, suffix: tuple = (), out_dims=0) -> Callable:
     """vmap ``fn(*prefix_args, b, h, q_idx, kv_idx, *suffix_args)`` over the four index axes.
 
@@ -188,7 +193,7 @@ def joint_outputs_per_position(graph_module, n_grid_inputs: int) -> list:
     for i, out in enumerate(outputs):
         is_batched = isinstance(out, torch.fx.Node) and out in batched
         if is_batched and out in scattered:
-            raise NotImplementedError(
+            raise UnsupportedGradient(
                 f"inductor_flex: score_mod reads captured tensor #{i - 5} both indexed by b/h/q_idx/kv_idx "
                 "and as a whole; the gradient of such a tensor is not supported: read it one way only "
                 "(e.g. `w[0]` for a scalar)."

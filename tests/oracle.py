@@ -221,3 +221,43 @@ def check_captures_computed_in_the_graph(device, dtype, B=2, H=4, L=75, S=75, E=
         assert grad is not None, f"d{name}: no gradient"
         assert_within(f"d{name}", grad, gold, base, terms_per_element=B * H * L * S // grad.numel(),
                       accumulated_terms=S)
+
+
+def check_chained_reads(attend, device, dtype=torch.float32, B=2, H=2, L=40, S=33, E=16):
+    """Learnable tensors read through chained indexing (``pair[q_idx][kv_idx]``,
+    ``table[b][h][q_idx]``, one row ``heads[h]`` read at two positions), by ``attend`` (a
+    flex_attention, eager or compiled), against dense float64 attention with the same biases.
+    The reference's vmap cannot differentiate chained reads, hence the dense gold; the baseline
+    is the dense computation in ``dtype``."""
+
+    def score_mod_of(pair, table, heads):
+        def chained(score, b, h, q_idx, kv_idx):
+            return (score + pair[q_idx][kv_idx] + table[b][h][q_idx] + 0.5 * table[b, h][kv_idx % L]
+                    + heads[h][q_idx] - heads[h][kv_idx])
+        return chained
+
+    def dense_bias(pair, table, heads):
+        rows, cols = torch.arange(L, device=device), torch.arange(S, device=device)
+        by_table = table[:, :, rows, None] + 0.5 * table[:, :, None, cols % L]
+        return pair[None, None] + by_table + (heads[:, rows, None] - heads[:, None, cols])[None]
+
+    q, k, v = (torch.randn(B, H, n, E, device=device) for n in (L, S, S))
+    buffers = [torch.randn(L, S, device=device), torch.randn(B, H, L, device=device) * 0.5,
+               torch.randn(H, max(L, S), device=device) * 0.5]
+    grad_out = torch.randn(B, H, L, E, device=device, dtype=torch.float64)
+    scale = E ** -0.5
+
+    def dense(cast):
+        tensors = [t.to(cast).requires_grad_() for t in (q, k, v, *buffers)]
+        scores = tensors[0] @ tensors[1].transpose(-1, -2) * scale + dense_bias(*tensors[3:])
+        out = torch.softmax(scores.float() if cast != torch.float64 else scores, -1).to(cast) @ tensors[2]
+        return out, torch.autograd.grad((out.double() * grad_out).sum(), tensors)
+
+    tensors = [t.to(dtype).requires_grad_() for t in (q, k, v)] + [t.clone().requires_grad_() for t in buffers]
+    out = attend(*tensors[:3], score_mod=score_mod_of(*tensors[3:]))
+    grads = torch.autograd.grad((out.double() * grad_out).sum(), tensors)
+    (gold_out, gold_grads), (base_out, base_grads) = dense(torch.float64), dense(dtype)
+    assert_within("out", out, gold_out, base_out, accumulated_terms=S)
+    for name, grad, gold, base in zip(("q", "k", "v", "pair", "table", "heads"), grads, gold_grads, base_grads):
+        assert_within(f"d{name}", grad, gold, base, terms_per_element=B * H * L * S // grad.numel(),
+                      accumulated_terms=S)

@@ -172,6 +172,10 @@ def test_captured_tensor_gradients_of_every_kind():
                            B=2, Hq=4, Hkv=2, L=300, S=211, E=64, Ev=64, block_size=128)
 
 
+def test_learnable_tensors_read_through_chained_indexing():
+    oracle.check_chained_reads(torch.compile(flex_attention, fullgraph=True), "cuda", L=300, S=211, E=64)
+
+
 def test_batch_made_dynamic_by_a_recompile():
     """A new batch size recompiles with the batch symbolic: the query and key batches are then
     two equal symbols, not a broadcast key batch (found by the GPU fuzz)."""

@@ -145,6 +145,11 @@ def test_captured_tensor_gradients(variant):
     _run(variant, B=1, Hq=2, Hkv=1, L=37, S=29, E=16, Ev=16, block_size=16)
 
 
+def test_learnable_tensors_read_through_chained_indexing():
+    """``pair[q_idx][kv_idx]`` and kin: one scatter per chained read in the fused backward."""
+    oracle.check_chained_reads(torch.compile(flex_attention, fullgraph=True), "cpu", L=37, S=29)
+
+
 def test_captured_tensors_computed_in_the_graph_get_gradients():
     """Captured tensors derived in the compiled function (``raw * raw / 2``) reach their leaves
     through the fused template (the compiled backward used to drop these gradients)."""

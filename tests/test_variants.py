@@ -89,3 +89,25 @@ def test_score_mod_reading_a_tensor_whole_or_ignoring_the_score(mode):
         gold.sum().backward()
         torch.testing.assert_close(leaf.grad.double(), leaf64.grad, atol=1e-4, rtol=1e-4)
         leaf.grad = None
+
+
+@pytest.mark.parametrize("mode", ["eager", "aot_eager", "inductor"])
+def test_learnable_tensors_read_through_chained_indexing(mode):
+    """Found by a probe porting torch's tests: ``bias[q_idx][kv_idx]`` with a learnable bias gave
+    a silently wrong gradient in eager mode and a LoweringException compiled. The joint graph
+    now scatters each chained read's gradient once, with the indices concatenated."""
+    from oracle import MODES, check_chained_reads
+
+    check_chained_reads(MODES[mode], "cpu")
+
+
+@pytest.mark.parametrize("mode", ["eager", "inductor"])
+def test_a_learnable_slice_used_whole_is_refused_with_the_rewrite(mode):
+    """``heads[h].sum()``: the gradient is a slice per position, which no backward sums."""
+    from oracle import MODES
+
+    heads = torch.randn(2, 24, requires_grad=True)
+    q, k, v = (torch.randn(1, 2, 24, 8, requires_grad=True) for _ in range(3))
+    with pytest.raises(NotImplementedError, match=r"t_sum = t.sum\(-1\)"):
+        out = MODES[mode](q, k, v, score_mod=lambda s, b, h, i, j: s + heads[h].sum() * 0.1)
+        out.sum().backward()
