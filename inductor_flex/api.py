@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 
 from ._compat.dynamo import compiler_stance, disable_cache_limit, is_dynamo_supported, mark_static
-from .block_mask import BlockMask, _sliced_mask_mod_unavailable, full_block_mask
+from .block_mask import BlockMask, _sliced_mask_mod_unavailable, full_block_mask, padding_as_block_zero
 from .block_regroup import regroup_blocks, regrouped_block_size
 from .compile_check import warn_if_uncompiled
 from .kernel_options import validate_kernel_options
@@ -137,8 +137,11 @@ def _from_torch_block_mask(block_mask):
 
     if isinstance(block_mask, BlockMask) or not isinstance(block_mask, torch_flex.BlockMask):
         return block_mask
-    return BlockMask(block_mask.seq_lengths, *(getattr(block_mask, name) for name in BlockMask.TENSOR_ATTRS),
-                     BLOCK_SIZE=block_mask.BLOCK_SIZE, mask_mod=block_mask.mask_mod)
+    lists = []
+    for direction in ("kv", "full_kv", "q", "full_q"):  # torch lets padding slots hold anything
+        num_blocks, indices = getattr(block_mask, f"{direction}_num_blocks"), getattr(block_mask, f"{direction}_indices")
+        lists += [num_blocks, padding_as_block_zero(num_blocks, indices)]
+    return BlockMask(block_mask.seq_lengths, *lists, BLOCK_SIZE=block_mask.BLOCK_SIZE, mask_mod=block_mask.mask_mod)
 
 
 def _with_q_blocks(block_mask: BlockMask) -> BlockMask:

@@ -234,8 +234,25 @@ def _check_block_list(name: str, num_blocks, indices) -> None:
         )
 
 
+def padding_as_block_zero(num_blocks: torch.Tensor | None, indices: torch.Tensor | None):
+    """``indices`` with every slot past a row's count that holds no block id set to block 0.
+
+    Only the first ``num_blocks`` entries of a row mean anything, and torch pads the rest with
+    anything (-1 in its own tests); kernels may still read a padding slot (prefetching the next
+    block), so padding must be a block id that exists. Padding that already is one (the
+    unlisted blocks, as create_block_mask leaves them) is kept.
+    """
+    if indices is None or num_blocks is None:
+        return indices
+    cols = indices.shape[-1]
+    slots = torch.arange(cols, device=indices.device, dtype=num_blocks.dtype)
+    keep = (slots < num_blocks.unsqueeze(-1)) | ((indices >= 0) & (indices < cols))
+    return torch.where(keep, indices, torch.zeros_like(indices))
+
+
 def _check_block_values(name: str, num_blocks: torch.Tensor, indices: torch.Tensor) -> None:
-    """Counts in [0, cols] and every index entry (listed or padding) a block id in [0, cols).
+    """Counts in [0, cols] and every index entry a block id in [0, cols) (padding, set to 0 by
+    ``padding_as_block_zero`` first, passes).
 
     Kernels trust these values: out of range they read out of bounds (an illegal memory access
     on a GPU). Checked for CPU tensors outside torch.compile only; elsewhere reading the values
@@ -252,8 +269,7 @@ def _check_block_values(name: str, num_blocks: torch.Tensor, indices: torch.Tens
     if bool((indices < 0).any()) or bool((indices >= cols).any()):
         raise ValueError(
             f"{name}_indices holds block ids from {int(indices.min())} to {int(indices.max())}, outside "
-            f"[0, {cols}); every entry, listed or padding, must be a block id: pad unused slots "
-            "with ids in range (e.g. 0)."
+            f"[0, {cols}) among the blocks its rows list; list only existing blocks."
         )
 
 
@@ -364,6 +380,8 @@ class BlockMask:
             full_kv_num_blocks = full_kv_num_blocks.to(torch.int32)
             full_kv_indices = full_kv_indices.to(torch.int32)
         kv_num_blocks, kv_indices = kv_num_blocks.to(torch.int32), kv_indices.to(torch.int32)
+        kv_indices = padding_as_block_zero(kv_num_blocks, kv_indices)
+        full_kv_indices = padding_as_block_zero(full_kv_num_blocks, full_kv_indices)
         _check_block_values("kv", kv_num_blocks, kv_indices)
         if full_kv_num_blocks is not None:
             _check_block_values("full_kv", full_kv_num_blocks, full_kv_indices)

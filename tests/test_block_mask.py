@@ -635,3 +635,27 @@ def test_adjust_to_a_longer_length_inside_the_same_blocks():
         out = call(q, k, v, block_mask=grown)
         assert torch.equal(out[:, :, 100:], torch.zeros_like(out[:, :, 100:]))
         torch.testing.assert_close(out[:, :, :100], flex_attention(q[:, :, :100], k, v, block_mask=mask))
+
+
+def test_padding_slots_may_hold_anything():
+    """torch's test_from_kv_blocks pads kv_indices with -1: only a row's first num_blocks slots
+    mean anything. Ours sets padding that is no block id to block 0 (kernels may prefetch a slot), for its own
+    from_kv_blocks and for torch's masks alike; listed slots are still checked."""
+    from inductor_flex import flex_attention
+
+    def lists(pad):
+        num = torch.tensor([[[1, 2]]], dtype=torch.int32)
+        indices = torch.tensor([[[[1, pad], [0, 1]]]], dtype=torch.int32)
+        full_num = torch.tensor([[[1, 0]]], dtype=torch.int32)
+        full_indices = torch.tensor([[[[0, pad], [pad, pad]]]], dtype=torch.int32)
+        return num, indices, full_num, full_indices
+
+    q, k, v = (torch.randn(1, 1, 256, 16) for _ in range(3))
+    gold = flex_attention(q, k, v, block_mask=BlockMask.from_kv_blocks(*lists(0)))
+    for mask in (BlockMask.from_kv_blocks(*lists(-1)), torch_flex.BlockMask.from_kv_blocks(*lists(-1))):
+        torch.testing.assert_close(flex_attention(q, k, v, block_mask=mask), gold, rtol=0, atol=0)
+    ours = BlockMask.from_kv_blocks(*lists(-1))
+    assert bool((ours.kv_indices >= 0).all()) and bool((ours.full_kv_indices >= 0).all())
+    listed_wrong = lists(0)[0], torch.tensor([[[[-1, 0], [0, 1]]]], dtype=torch.int32)
+    with pytest.raises(ValueError, match="list only existing blocks"):
+        BlockMask.from_kv_blocks(*listed_wrong)

@@ -408,7 +408,7 @@ BAD_INPUTS = [
     Bad("from-kv-blocks-full-shape", lambda f: BlockMask.from_kv_blocks(*_lists(), *_lists(cols=3)), ValueError,
         "full_kv_indices must have the shape of kv_indices"),
     Bad("from-kv-blocks-index-range", lambda f: BlockMask.from_kv_blocks(*_lists(index=5)), ValueError,
-        "pad unused slots with ids in range"),
+        "list only existing blocks"),
     Bad("from-kv-blocks-count-range", lambda f: BlockMask.from_kv_blocks(*_lists(num=3)), ValueError,
         "a row lists at most every block once"),
     Bad("from-tuple-length", lambda f: BlockMask.from_tuple((32, 32)), ValueError,
