@@ -43,6 +43,23 @@ class AuxOutput(NamedTuple):
     max_scores: torch.Tensor | None = None
 
 
+def _autocast(query, key, value):
+    """q, k, v in autocast's dtype when torch.autocast is on for their device, as torch's flex
+    attention casts them (floating tensors on that device, float64 excepted)."""
+    tensors = (query, key, value)
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        return tensors  # _validate_tensors names the wrong argument
+    device_type = query.device.type
+    # A literal list, not torch.amp.is_autocast_available: Dynamo would put that call in the graph.
+    if device_type not in ("cpu", "cuda", "xpu") or not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(
+        t.to(dtype) if t.is_floating_point() and t.device.type == device_type and t.dtype != torch.float64 else t
+        for t in tensors
+    )
+
+
 def _validate_tensors(query, key, value, enable_gqa):
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
@@ -308,6 +325,7 @@ def flex_attention(
         ``out`` (B, Hq, L, Ev); ``(out, AuxOutput)`` when ``return_aux`` is given;
         ``(out, lse)`` when ``return_lse=True``.
     """
+    query, key, value = _autocast(query, key, value)
     _validate_tensors(query, key, value, enable_gqa)
     if score_mod is None:
         score_mod = identity_score_mod

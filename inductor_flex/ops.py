@@ -238,6 +238,26 @@ def _backward_autograd(*args):
         return flex_attention_backward_op(*args)
 
 
+# ---------------------------------------------------------------- autocast
+
+
+def _autocast_off(op):
+    """The operator under torch.autocast: q, k, v arrive in autocast's dtype (api.py casts them,
+    as torch's flex attention does), and the operator's own arithmetic (the eager path's float32
+    softmax, its gradients) runs with autocast off, as the compiled kernels do."""
+
+    def run(*args):
+        with torch.autocast(args[0].device.type, enabled=False):
+            return op(*args)
+
+    return run
+
+
+for _op in (flex_attention_op, flex_attention_backward_op):
+    _op.py_impl(DispatchKey.AutocastCPU)(_autocast_off(_op))
+    _op.py_impl(DispatchKey.AutocastCUDA)(_autocast_off(_op))
+
+
 # Activation checkpointing (selective) replays the op through these modes.
 redirect_to_mode(flex_attention_op, CachingTorchDispatchMode)
 redirect_to_mode(flex_attention_op, CachedTorchDispatchMode)

@@ -391,3 +391,43 @@ def test_narrow_learnable_tensors_with_float32_scores(mode, buffer_dtype):
         summation = 8 * torch.finfo(torch.float32).eps * math.sqrt(B * L * L) * expected.abs().max()
         error = (grad.double() - expected).abs()
         assert torch.all(error <= rounding + summation), f"d{name}: error {error.max():.3e}"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_autocast_casts_query_key_value_first(mode):
+    """Found by a probe of model integration: under torch.autocast, torch's flex attention casts
+    q, k, v to autocast's dtype (mixed q/k/v dtypes included); ours ignored autocast, and its
+    eager path let autocast lower the precision of its own float32 softmax. Now a call under
+    autocast is a call on the cast tensors, forward and backward: bit for bit eagerly; compiled,
+    Inductor may keep a fused cast's extra precision, so there the oracle's rule applies."""
+    B, H, L, D = 2, 2, 75, 16
+    leaves = [torch.randn(B, H, L, D, requires_grad=True) for _ in range(3)]
+    slopes = torch.rand(H)
+
+    def alibi(score, b, h, q_idx, kv_idx):
+        return score + slopes[h] * (kv_idx - q_idx)
+
+    attend = oracle.MODES[mode]
+    mixed = [leaves[0].to(torch.bfloat16), leaves[1], leaves[2]]  # e.g. q from a bf16 projection
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attend(*mixed, score_mod=alibi)
+    assert out.dtype == torch.bfloat16
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+
+    def cast_run(dtype):  # eager, on q, k, v cast to bf16 first
+        cast = [t.detach().to(torch.bfloat16).to(dtype).requires_grad_() for t in leaves]
+        result = flex_attention(*cast, score_mod=alibi)
+        return result, torch.autograd.grad(result, cast, grad_out.to(dtype))
+
+    (expected, expected_grads), (gold, gold_grads) = cast_run(torch.bfloat16), cast_run(torch.float64)
+    for name, grad in zip("qkv", grads):
+        assert grad.dtype == torch.float32, f"d{name} keeps its leaf's dtype"
+    if mode == "eager":
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        for name, grad, want in zip("qkv", grads, expected_grads):
+            torch.testing.assert_close(grad, want.float(), rtol=0, atol=0, msg=f"d{name}")
+    else:
+        oracle.assert_within("out", out, gold, expected, accumulated_terms=L)
+        for name, grad, want, golden in zip("qkv", grads, expected_grads, gold_grads):
+            oracle.assert_within(f"d{name}", grad.to(torch.bfloat16), golden, want, accumulated_terms=L)
