@@ -66,7 +66,9 @@ def build_joint_graph(score_mod, query: torch.Tensor, score_mod_buffers: tuple):
             _, grads = joint([score, b, h, q_idx, kv_idx, *buffers], grads_out)
             return grads
 
-        with TransformGetItemToIndex():
+        # Identity saved-tensor hooks shadow the caller's: under activation checkpointing, the
+        # trace's own autograd would otherwise unpack by re-running the checkpointed function.
+        with TransformGetItemToIndex(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
             graph_module = make_fx(joint_fn)(*examples, grad_example, *buffers)
     graph_module = _merge_chained_scatters(graph_module)
     _refuse_slices_read_whole(graph_module)
