@@ -19,7 +19,8 @@ from typing import NamedTuple
 
 import torch
 
-from ._compat.dynamo import compiler_stance, disable_cache_limit, is_dynamo_supported, mark_static
+from ._compat.dynamo import (compiler_stance, disable_cache_limit, export_compilation_env, is_dynamo_supported,
+                             mark_static)
 from .block_mask import BlockMask, _sliced_mask_mod_unavailable, full_block_mask, padding_as_block_zero
 from .block_regroup import regroup_blocks, regrouped_block_size
 from .compile_check import warn_if_uncompiled
@@ -296,6 +297,21 @@ def _eager_operator():
     return _eager_entry
 
 
+def _operator_for_this_call():
+    """The eager path, or under a (non-strict) torch.export the same capture in the environment
+    torch's own operators use there: a plain torch.compile is skipped inside an export, and the
+    operator would be traced with score_mod's closure tensors baked in as fake constants."""
+    if not (torch.compiler.is_exporting() and export_compilation_env is not None):
+        return _eager_operator()
+
+    def in_export(*args):
+        with export_compilation_env() as backend:
+            backend = backend or "eager"  # the eager backend with export's modes, or plain eager
+            return torch.compile(_call_operator, backend=backend, fullgraph=True, dynamic=False)(*args)
+
+    return in_export
+
+
 def flex_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -379,5 +395,5 @@ def flex_attention(
         # capture, so the cache limit must not turn them into uncaptured runs either.
         stance = contextlib.nullcontext() if compiler_stance() == "default" else torch.compiler.set_stance("default")
         with stance, disable_cache_limit():
-            out, lse, max_scores = _eager_operator()(*args)
+            out, lse, max_scores = _operator_for_this_call()(*args)
     return _results(out, lse, max_scores, return_aux, return_lse)

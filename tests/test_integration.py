@@ -82,3 +82,42 @@ def test_activation_checkpointing_with_a_learnable_captured_tensor(mode, use_ree
     grads = gradients(lambda: checkpoint(attention, *leaves, use_reentrant=use_reentrant))
     for name, grad, want in zip(("q", "k", "v", "slopes"), grads, plain):
         torch.testing.assert_close(grad, want, rtol=1e-6, atol=1e-6, msg=f"d{name}")
+
+
+class _BiasedAttention(torch.nn.Module):
+    """A score_mod reading a buffer and a parameter, and a causal block mask made in forward."""
+
+    def __init__(self, heads=2, length=96):
+        super().__init__()
+        self.register_buffer("slopes", torch.rand(heads))
+        self.table = torch.nn.Parameter(torch.randn(heads, 2 * length))
+        self.length = length
+
+    def forward(self, q, k, v):
+        from inductor_flex import create_block_mask
+
+        slopes, table, offset = self.slopes, self.table, self.length
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + slopes[h] * (kv_idx - q_idx) + table[h, q_idx - kv_idx + offset]
+
+        def causal(b, h, q_idx, kv_idx):
+            return q_idx >= kv_idx
+
+        mask = create_block_mask(causal, None, None, q.size(-2), k.size(-2), device=q.device, BLOCK_SIZE=32)
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=mask)
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["non_strict", "strict"])
+def test_export_of_a_module_with_captured_buffers(strict):
+    """Found by a probe of model integration: non-strict torch.export (the default) baked the
+    score_mod's buffer into the graph as a fake constant (the program returned a FakeTensor, or
+    crashed on a parameter). The capture now runs as torch's operators do inside an export."""
+    module = _BiasedAttention()
+    example = [torch.randn(1, 2, 96, 16) for _ in range(3)]
+    program = torch.export.export(module, tuple(example), strict=strict)
+    with torch.no_grad():
+        for inputs in (example, [torch.randn(1, 2, 96, 16) for _ in range(3)]):
+            out = program.module()(*inputs)
+            assert type(out) is torch.Tensor
+            torch.testing.assert_close(out, module(*inputs), rtol=1e-6, atol=1e-6)

@@ -29,6 +29,7 @@ __all__ = [
     "disable_cache_limit",
     "discard_graph_changes",
     "dynamo_config",
+    "export_compilation_env",
     "guard_float",
     "guard_int",
     "hop_variable_registry",
@@ -83,3 +84,11 @@ def compiler_stance() -> str:
 
 
 __all__ += ["compiled_versions", "compiler_stance", "recompile_limits", "runs_only_cached_code"]
+
+
+# ---------------------------------------------------------------- torch.compile inside torch.export
+
+try:  # torch's own HOPs (flex attention, while_loop) compile this way inside an export
+    from torch._higher_order_ops.utils import setup_compilation_env as export_compilation_env
+except ImportError:  # pragma: no cover - a torch without it: export inlines the operator call
+    export_compilation_env = None
