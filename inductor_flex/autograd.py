@@ -112,7 +112,7 @@ def _merge_chained_scatters(graph_module):
             return None if None in parts else parts[0] + parts[1]
         return None
 
-    changed = True
+    merged_any, changed = False, True
     while changed:
         changed = False
         for node in list(graph.nodes):
@@ -125,7 +125,7 @@ def _merge_chained_scatters(graph_module):
             with graph.inserting_before(node):
                 merged = [graph.call_function(scatter, (list(shape), [*indices, *part.args[1]], part.args[2]))
                           for part in inner]
-                for part, new in zip(inner, merged):
+                for new in merged:
                     new.meta = dict(node.meta)
                 total = merged[0]
                 for new in merged[1:]:
@@ -134,10 +134,11 @@ def _merge_chained_scatters(graph_module):
             node.replace_all_uses_with(total)
             graph.erase_node(node)
             graph.eliminate_dead_code()
-            changed = True
+            merged_any = changed = True
             break
-    graph.lint()
-    graph_module.recompile()
+    if merged_any:
+        graph.lint()
+        graph_module.recompile()
     return graph_module
 
 
