@@ -160,16 +160,17 @@ def _evaluated_in_float64(joint_graph):
     the positions; the kernels keep those terms in float32. Rounding once, at the end, keeps the
     eager gradient as exact as the sum allows.
     """
+    def narrowing(node):
+        return (node.op == "call_function" and node.target is torch.ops.aten._to_copy.default
+                and node.kwargs.get("dtype") in _NARROW_FLOATS)
+
+    if not any(map(narrowing, joint_graph.graph.nodes)):
+        return joint_graph
     graph_module = torch.fx.GraphModule(joint_graph, copy.deepcopy(joint_graph.graph))
-    changed = False
-    for node in graph_module.graph.nodes:
-        if (node.op == "call_function" and node.target is torch.ops.aten._to_copy.default
-                and node.kwargs.get("dtype") in _NARROW_FLOATS):
-            node.update_kwarg("dtype", torch.float64)
-            changed = True
-    if changed:
-        graph_module.recompile()
-    return graph_module if changed else joint_graph
+    for node in filter(narrowing, graph_module.graph.nodes):
+        node.update_kwarg("dtype", torch.float64)
+    graph_module.recompile()
+    return graph_module
 
 
 def attention_backward_reference(
